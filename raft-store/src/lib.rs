@@ -1,0 +1,80 @@
+//! `trellis-raft-store`: the durable half of a Trellis control node.
+//!
+//! Everything the mesh knows lives in one sled database per node:
+//!
+//! | tree | what | written by |
+//! |---|---|---|
+//! | `raft_log` | Raft entries, key = index (big-endian u64) | [`LogStore::append`](openraft::storage::RaftLogStorage::append) |
+//! | `raft_meta` | vote, committed log id, last purged log id | [`LogStore`] |
+//! | `kv` | current value of every key, with its revisions | [`SledStore::apply_entries`] |
+//! | `history` | the change feed: one record of events per revision | [`SledStore::apply_entries`] |
+//! | `sm_meta` | last applied log id, membership, revision, compact revision | [`SledStore::apply_entries`] |
+//!
+//! Snapshots live beside the database as files (see [`snapshot`]).
+//!
+//! Data enters through openraft: entries are appended by [`LogStore`]
+//! (durable before openraft is told) and applied by [`StateMachine`], which
+//! hands them to a [`RevisionedStore`] — the trait that keeps the engine
+//! swappable. Data leaves through the same trait: point reads, prefix
+//! listings, and [`RevisionedStore::events_since`], which watch streams read
+//! while [`RevisionedStore::subscribe`] tells them that a new revision was
+//! applied. Slow readers never hold the writer back: they read history at
+//! their own pace and are told when they fall behind compaction.
+
+pub mod codec;
+pub mod log_store;
+pub mod snapshot;
+pub mod state_machine;
+pub mod store;
+pub mod types;
+
+use std::io::Cursor;
+
+pub use log_store::LogStore;
+pub use state_machine::StateMachine;
+pub use store::{HistoryPage, RevisionedStore, SledStore, StoreError};
+pub use types::*;
+
+openraft::declare_raft_types!(
+    /// openraft type configuration of a Trellis control node.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = NodeId,
+        Node = NodeAddr,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Raft node identifier.
+pub type NodeId = u64;
+/// A Raft log id with Trellis' node id type.
+pub type LogId = openraft::LogId<NodeId>;
+/// Membership as stored in the state machine.
+pub type StoredMembership = openraft::StoredMembership<NodeId, NodeAddr>;
+/// A Raft log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// The Raft instance type of a control node.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Open (or create) the node's database and return the log store and state
+/// machine that share it.
+pub fn open(data_dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Io {
+        what: format!("create data dir {}", data_dir.display()),
+        source: e,
+    })?;
+    let db = sled::Config::new()
+        .path(data_dir.join("db"))
+        .cache_capacity(store::SLED_CACHE_BYTES)
+        .open()
+        .map_err(|e| StoreError::Sled {
+            what: format!("open database in {}", data_dir.display()),
+            source: e,
+        })?;
+    let log = LogStore::new(db.clone())?;
+    let kv = std::sync::Arc::new(SledStore::new(db)?);
+    let sm = StateMachine::new(kv, data_dir.join("snapshots"))?;
+    Ok((log, sm))
+}

@@ -1,0 +1,619 @@
+//! The revisioned resource store: the state machine's data, behind the
+//! [`RevisionedStore`] trait, implemented on sled by [`SledStore`].
+//!
+//! Rules (like etcd's MVCC, without old versions of values):
+//! - One global `revision`. An applied entry that changes at least one key
+//!   bumps it by exactly one; all its changes share that revision.
+//! - Every key carries `create_revision`, `mod_revision` and `version`.
+//! - Each revision's events go to the `history` tree in the same sled
+//!   transaction as the data and `last_applied`, so a crash never separates
+//!   them. History is kept for [`HISTORY_RETENTION`] revisions (and can be
+//!   compacted sooner by a `Compact` command); a reader asking for older
+//!   revisions gets [`StoreError::Compacted`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use openraft::EntryPayload;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+use tokio::sync::watch;
+
+use crate::codec::{decode, encode, CodecError};
+use crate::types::*;
+use crate::{Entry, LogId, StoredMembership};
+
+/// Revisions of change history kept for watchers that resume. At ~1 KiB
+/// per change this bounds history to ~100 MiB while giving a watcher that
+/// was disconnected for minutes under heavy write load room to resume.
+pub const HISTORY_RETENTION: u64 = 100_000;
+
+/// History is trimmed in steps of this many revisions, so the (cheap, but
+/// not free) range delete runs once per step rather than per write.
+pub const HISTORY_COMPACT_STEP: u64 = 1_000;
+
+/// sled page cache. The working set of a mesh's config is small; 256 MiB
+/// keeps reads in memory without letting sled take the machine.
+pub const SLED_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
+const META_LAST_APPLIED: &[u8] = b"last_applied";
+const META_MEMBERSHIP: &[u8] = b"membership";
+const META_REVISION: &[u8] = b"revision";
+const META_COMPACT_REVISION: &[u8] = b"compact_revision";
+
+/// Errors of the store. None of them is safe to retry blindly except
+/// [`StoreError::Compacted`], which asks the reader to start over.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error ({what}): {source}")]
+    Sled {
+        what: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("i/o error ({what}): {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// History at or below `compact_revision` is gone.
+    #[error("revision {requested} was compacted (history starts after revision {compact_revision})")]
+    Compacted { requested: u64, compact_revision: u64 },
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    fn sled(what: &str, source: sled::Error) -> Self {
+        StoreError::Sled {
+            what: what.to_string(),
+            source,
+        }
+    }
+}
+
+/// A page of the change feed.
+#[derive(Debug, Default)]
+pub struct HistoryPage {
+    /// Revisions with at least one event matching the prefix, in order.
+    pub revisions: Vec<RevisionEvents>,
+    /// Every revision up to this one was examined (matching or not).
+    pub scanned_to: u64,
+}
+
+/// A consistent copy of the whole state machine, as carried in snapshots.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotBody {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    pub revision: u64,
+    pub kvs: Vec<KeyValue>,
+}
+
+/// The state machine's storage engine. Implementations must apply a batch
+/// of entries atomically (data, history, `last_applied` together) and give
+/// readers a consistent view.
+pub trait RevisionedStore: Send + Sync + 'static {
+    /// Apply committed entries in order; one response per entry.
+    fn apply_entries(&self, entries: &[Entry]) -> Result<Vec<CommandResponse>, StoreError>;
+    /// The last applied log id and membership.
+    fn applied_state(&self) -> Result<(Option<LogId>, StoredMembership), StoreError>;
+    /// Current revision (of the applied state).
+    fn revision(&self) -> u64;
+    /// History holds every revision above this one.
+    fn compact_revision(&self) -> u64;
+    fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+    /// Keys with `prefix`, after `start_after` if given, at most `limit`.
+    /// The bool is true when more keys follow.
+    fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<KeyValue>, bool), StoreError>;
+    /// Events of revisions after `after` whose keys start with `prefix`,
+    /// at most `max_revisions` revisions examined.
+    fn events_since(&self, after: u64, prefix: &str, max_revisions: usize) -> Result<HistoryPage, StoreError>;
+    /// Tells subscribers the revision whenever a new one is applied.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+    /// A consistent copy of the state for a snapshot.
+    fn export(&self) -> Result<SnapshotBody, StoreError>;
+    /// Replace the whole state with a snapshot's.
+    fn import(&self, body: SnapshotBody) -> Result<(), StoreError>;
+    /// Make everything applied so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+    /// Bytes on disk (approximate).
+    fn size_on_disk(&self) -> u64;
+}
+
+/// Value of a key as stored (the key is the sled key).
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
+    value: Vec<u8>,
+}
+
+impl Record {
+    fn into_kv(self, key: &str) -> KeyValue {
+        KeyValue {
+            key: key.to_string(),
+            value: self.value,
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+        }
+    }
+}
+
+/// [`RevisionedStore`] on sled trees `kv`, `history` and `sm_meta`.
+pub struct SledStore {
+    db: sled::Db,
+    kv: sled::Tree,
+    history: sled::Tree,
+    meta: sled::Tree,
+    revision: AtomicU64,
+    compact_revision: AtomicU64,
+    /// Serialises apply, export and import so an export sees one state.
+    write_lock: Mutex<()>,
+    applied_tx: watch::Sender<u64>,
+}
+
+fn rev_key(rev: u64) -> [u8; 8] {
+    rev.to_be_bytes()
+}
+
+fn u64_from(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
+    let arr: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("{what} is {} bytes, expected 8", bytes.len())))?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+/// Pending changes of one apply batch, inside the sled transaction.
+struct TxState<'a> {
+    kv: &'a TransactionalTree,
+    revision: u64,
+    changed: bool,
+    events: Vec<Event>,
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn abort<E: Into<StoreError>>(e: E) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e.into())
+}
+
+impl TxState<'_> {
+    fn get(&self, key: &str) -> TxResult<Option<KeyValue>> {
+        match self.kv.get(key.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => {
+                let rec: Record = decode("kv record", &bytes).map_err(abort)?;
+                Ok(Some(rec.into_kv(key)))
+            }
+        }
+    }
+
+    /// The revision changes of this entry are written at (bumped once).
+    fn next_revision(&mut self) -> u64 {
+        if !self.changed {
+            self.changed = true;
+            self.revision += 1;
+        }
+        self.revision
+    }
+
+    fn put(&mut self, key: &str, value: &[u8]) -> TxResult<Option<KeyValue>> {
+        let prev = self.get(key)?;
+        let rev = self.next_revision();
+        let rec = Record {
+            create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+            mod_revision: rev,
+            version: prev.as_ref().map_or(1, |p| p.version + 1),
+            value: value.to_vec(),
+        };
+        self.kv
+            .insert(key.as_bytes(), encode("kv record", &rec).map_err(abort)?)?;
+        self.events.push(Event {
+            kind: EventKind::Put,
+            kv: rec.into_kv(key),
+        });
+        Ok(prev)
+    }
+
+    fn delete(&mut self, key: &str) -> TxResult<Option<KeyValue>> {
+        let prev = self.get(key)?;
+        if prev.is_some() {
+            let rev = self.next_revision();
+            self.kv.remove(key.as_bytes())?;
+            self.events.push(Event {
+                kind: EventKind::Delete,
+                kv: KeyValue {
+                    key: key.to_string(),
+                    mod_revision: rev,
+                    ..KeyValue::default()
+                },
+            });
+        }
+        Ok(prev)
+    }
+
+    fn run_op(&mut self, op: &TxnOp) -> TxResult<TxnOpResult> {
+        Ok(match op {
+            TxnOp::Put { key, value } => TxnOpResult::Put {
+                prev: self.put(key, value)?,
+            },
+            TxnOp::Delete { key } => TxnOpResult::Delete {
+                prev: self.delete(key)?,
+            },
+            TxnOp::Get { key } => TxnOpResult::Get { kv: self.get(key)? },
+        })
+    }
+
+    fn check_expected(&self, key: &str, expected: Option<u64>) -> TxResult<Result<(), Outcome>> {
+        let Some(expected) = expected else {
+            return Ok(Ok(()));
+        };
+        let current = self.get(key)?.map_or(0, |kv| kv.mod_revision);
+        if current == expected {
+            Ok(Ok(()))
+        } else {
+            Ok(Err(Outcome::Conflict {
+                key: key.to_string(),
+                current_mod_revision: current,
+            }))
+        }
+    }
+
+    fn execute(&mut self, cmd: &Command, compact_revision: &mut u64) -> TxResult<Outcome> {
+        match cmd {
+            Command::Put {
+                key,
+                value,
+                expected_mod_revision,
+            } => {
+                if let Err(conflict) = self.check_expected(key, *expected_mod_revision)? {
+                    return Ok(conflict);
+                }
+                Ok(Outcome::Put {
+                    prev: self.put(key, value)?,
+                })
+            }
+            Command::Delete {
+                key,
+                expected_mod_revision,
+            } => {
+                if let Err(conflict) = self.check_expected(key, *expected_mod_revision)? {
+                    return Ok(conflict);
+                }
+                Ok(Outcome::Delete {
+                    prev: self.delete(key)?,
+                })
+            }
+            Command::Txn {
+                compare,
+                success,
+                failure,
+            } => {
+                let mut succeeded = true;
+                for c in compare {
+                    if !c.holds(self.get(&c.key)?.as_ref()) {
+                        succeeded = false;
+                        break;
+                    }
+                }
+                let ops = if succeeded { success } else { failure };
+                let mut results = Vec::with_capacity(ops.len());
+                for op in ops {
+                    results.push(self.run_op(op)?);
+                }
+                Ok(Outcome::Txn { succeeded, results })
+            }
+            Command::Compact { revision } => {
+                if *revision > self.revision {
+                    return Ok(Outcome::Rejected {
+                        reason: format!(
+                            "cannot compact to revision {revision}: the current revision is {}",
+                            self.revision
+                        ),
+                    });
+                }
+                *compact_revision = (*compact_revision).max(*revision);
+                Ok(Outcome::Compacted {
+                    compact_revision: *compact_revision,
+                })
+            }
+        }
+    }
+}
+
+impl SledStore {
+    /// Open the state-machine trees of `db`.
+    pub fn new(db: sled::Db) -> Result<Self, StoreError> {
+        let open = |name: &str| db.open_tree(name).map_err(|e| StoreError::sled(name, e));
+        let kv = open("kv")?;
+        let history = open("history")?;
+        let meta = open("sm_meta")?;
+        let read_u64 = |key: &[u8], what: &str| -> Result<u64, StoreError> {
+            match meta.get(key).map_err(|e| StoreError::sled(what, e))? {
+                Some(b) => u64_from(&b, what),
+                None => Ok(0),
+            }
+        };
+        let revision = read_u64(META_REVISION, "revision")?;
+        let compact_revision = read_u64(META_COMPACT_REVISION, "compact revision")?;
+        let (applied_tx, _) = watch::channel(revision);
+        Ok(SledStore {
+            db,
+            kv,
+            history,
+            meta,
+            revision: AtomicU64::new(revision),
+            compact_revision: AtomicU64::new(compact_revision),
+            write_lock: Mutex::new(()),
+            applied_tx,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // A panic while holding the lock cannot leave sled half-written
+        // (transactions are atomic), so a poisoned lock is still usable.
+        self.write_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remove history at or below `upto` (outside the apply transaction:
+    /// the compact revision is already durable, readers check it).
+    fn trim_history(&self, upto: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0usize;
+        for item in self.history.range(..=rev_key(upto)) {
+            let (k, _) = item.map_err(|e| StoreError::sled("scan history", e))?;
+            batch.remove(k);
+            n += 1;
+        }
+        if n > 0 {
+            self.history
+                .apply_batch(batch)
+                .map_err(|e| StoreError::sled("trim history", e))?;
+            tracing::debug!(upto, removed = n, "trimmed watch history");
+        }
+        Ok(())
+    }
+}
+
+impl RevisionedStore for SledStore {
+    fn apply_entries(&self, entries: &[Entry]) -> Result<Vec<CommandResponse>, StoreError> {
+        let _guard = self.lock();
+        let start_revision = self.revision.load(Ordering::Acquire);
+        let start_compact = self.compact_revision.load(Ordering::Acquire);
+        let result = (&self.kv, &self.history, &self.meta).transaction(|(kv, history, meta)| {
+            let mut revision = start_revision;
+            let mut compact_revision = start_compact;
+            let mut responses = Vec::with_capacity(entries.len());
+            let mut last_applied = None;
+            for entry in entries {
+                last_applied = Some(entry.log_id);
+                let outcome = match &entry.payload {
+                    EntryPayload::Blank => Outcome::None,
+                    EntryPayload::Membership(m) => {
+                        let stored = StoredMembership::new(Some(entry.log_id), m.clone());
+                        meta.insert(META_MEMBERSHIP, encode("membership", &stored).map_err(abort)?)?;
+                        Outcome::None
+                    }
+                    EntryPayload::Normal(cmd) => {
+                        let mut tx = TxState {
+                            kv,
+                            revision,
+                            changed: false,
+                            events: Vec::new(),
+                        };
+                        let outcome = tx.execute(cmd, &mut compact_revision)?;
+                        if tx.changed {
+                            revision = tx.revision;
+                            history.insert(&rev_key(revision), encode("history", &tx.events).map_err(abort)?)?;
+                            // Keep history bounded, deterministically on every node.
+                            if revision % HISTORY_COMPACT_STEP == 0 && revision > HISTORY_RETENTION {
+                                compact_revision = compact_revision.max(revision - HISTORY_RETENTION);
+                            }
+                        }
+                        outcome
+                    }
+                };
+                responses.push(CommandResponse { revision, outcome });
+            }
+            meta.insert(META_LAST_APPLIED, encode("last applied", &last_applied).map_err(abort)?)?;
+            meta.insert(META_REVISION, &revision.to_be_bytes())?;
+            meta.insert(META_COMPACT_REVISION, &compact_revision.to_be_bytes())?;
+            Ok((responses, revision, compact_revision))
+        });
+        let (responses, revision, compact_revision) = match result {
+            Ok(v) => v,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(StoreError::sled("apply entries", e)),
+        };
+        self.revision.store(revision, Ordering::Release);
+        if compact_revision > start_compact {
+            self.compact_revision.store(compact_revision, Ordering::Release);
+            self.trim_history(compact_revision)?;
+        }
+        drop(_guard);
+        if revision != start_revision {
+            self.applied_tx.send_replace(revision);
+        }
+        Ok(responses)
+    }
+
+    fn applied_state(&self) -> Result<(Option<LogId>, StoredMembership), StoreError> {
+        let last_applied = match self
+            .meta
+            .get(META_LAST_APPLIED)
+            .map_err(|e| StoreError::sled("read last applied", e))?
+        {
+            Some(b) => decode("last applied", &b)?,
+            None => None,
+        };
+        let membership = match self
+            .meta
+            .get(META_MEMBERSHIP)
+            .map_err(|e| StoreError::sled("read membership", e))?
+        {
+            Some(b) => decode("membership", &b)?,
+            None => StoredMembership::default(),
+        };
+        Ok((last_applied, membership))
+    }
+
+    fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    fn compact_revision(&self) -> u64 {
+        self.compact_revision.load(Ordering::Acquire)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        match self.kv.get(key.as_bytes()).map_err(|e| StoreError::sled("get", e))? {
+            None => Ok(None),
+            Some(b) => Ok(Some(decode::<Record>("kv record", &b)?.into_kv(key))),
+        }
+    }
+
+    fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<KeyValue>, bool), StoreError> {
+        use std::ops::Bound;
+        let lower = match start_after {
+            Some(after) if after >= prefix => Bound::Excluded(after.as_bytes().to_vec()),
+            _ => Bound::Included(prefix.as_bytes().to_vec()),
+        };
+        let mut out = Vec::new();
+        for item in self.kv.range::<Vec<u8>, _>((lower, Bound::Unbounded)) {
+            let (k, v) = item.map_err(|e| StoreError::sled("list", e))?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            let key = std::str::from_utf8(&k)
+                .map_err(|_| StoreError::Corrupt("a stored key is not UTF-8".to_string()))?;
+            out.push(decode::<Record>("kv record", &v)?.into_kv(key));
+        }
+        Ok((out, false))
+    }
+
+    fn events_since(&self, after: u64, prefix: &str, max_revisions: usize) -> Result<HistoryPage, StoreError> {
+        let compacted = |compact_revision: u64| StoreError::Compacted {
+            requested: after + 1,
+            compact_revision,
+        };
+        let compact = self.compact_revision();
+        if after < compact {
+            return Err(compacted(compact));
+        }
+        let mut page = HistoryPage {
+            revisions: Vec::new(),
+            scanned_to: after,
+        };
+        for item in self.history.range(rev_key(after + 1)..).take(max_revisions) {
+            let (k, v) = item.map_err(|e| StoreError::sled("read history", e))?;
+            let revision = u64_from(&k, "history key")?;
+            if revision != page.scanned_to + 1 {
+                // A hole: trimmed under us, or an import replaced history.
+                break;
+            }
+            page.scanned_to = revision;
+            let events: Vec<Event> = decode("history", &v)?;
+            let events: Vec<Event> = events
+                .into_iter()
+                .filter(|e| e.kv.key.starts_with(prefix))
+                .collect();
+            if !events.is_empty() {
+                page.revisions.push(RevisionEvents { revision, events });
+            }
+        }
+        // History below the compact revision may have been trimmed while we
+        // read; if so what we read may have holes.
+        let compact = self.compact_revision();
+        if after < compact {
+            return Err(compacted(compact));
+        }
+        Ok(page)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    fn export(&self) -> Result<SnapshotBody, StoreError> {
+        let guard = self.lock();
+        let (last_applied, membership) = self.applied_state()?;
+        let revision = self.revision();
+        let mut kvs = Vec::with_capacity(self.kv.len());
+        for item in self.kv.iter() {
+            let (k, v) = item.map_err(|e| StoreError::sled("export", e))?;
+            let key = std::str::from_utf8(&k)
+                .map_err(|_| StoreError::Corrupt("a stored key is not UTF-8".to_string()))?;
+            kvs.push(decode::<Record>("kv record", &v)?.into_kv(key));
+        }
+        drop(guard);
+        Ok(SnapshotBody {
+            last_applied,
+            membership,
+            revision,
+            kvs,
+        })
+    }
+
+    fn import(&self, body: SnapshotBody) -> Result<(), StoreError> {
+        let guard = self.lock();
+        let e = |what: &'static str| move |err| StoreError::sled(what, err);
+        self.kv.clear().map_err(e("clear kv"))?;
+        self.history.clear().map_err(e("clear history"))?;
+        let mut batch = sled::Batch::default();
+        for kv in body.kvs {
+            let rec = Record {
+                create_revision: kv.create_revision,
+                mod_revision: kv.mod_revision,
+                version: kv.version,
+                value: kv.value,
+            };
+            batch.insert(kv.key.as_bytes(), encode("kv record", &rec)?);
+        }
+        self.kv.apply_batch(batch).map_err(e("import kv"))?;
+        let mut meta = sled::Batch::default();
+        meta.insert(META_LAST_APPLIED, encode("last applied", &body.last_applied)?);
+        meta.insert(META_MEMBERSHIP, encode("membership", &body.membership)?);
+        meta.insert(META_REVISION, &body.revision.to_be_bytes());
+        // No history survives a snapshot install: watchers from before it
+        // are told to resync.
+        meta.insert(META_COMPACT_REVISION, &body.revision.to_be_bytes());
+        self.meta.apply_batch(meta).map_err(e("import meta"))?;
+        self.db.flush().map_err(e("flush after import"))?;
+        self.revision.store(body.revision, Ordering::Release);
+        self.compact_revision.store(body.revision, Ordering::Release);
+        drop(guard);
+        self.applied_tx.send_replace(body.revision);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|e| StoreError::sled("flush", e))
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}

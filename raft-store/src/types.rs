@@ -1,0 +1,223 @@
+//! The replicated commands, their results, stored values and watch events.
+//!
+//! These are the validated domain types: the admin API converts protobuf
+//! into them at the edge, and they travel inside Raft entries.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a control node listens: written into Raft membership so every peer
+/// can dial every other.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddr {
+    /// Raft peer RPC (gRPC) address, `host:port`.
+    pub raft_addr: String,
+    /// Admin API (gRPC) address, `host:port`.
+    pub admin_addr: String,
+}
+
+impl fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "raft={} admin={}", self.raft_addr, self.admin_addr)
+    }
+}
+
+/// A key with its value and revisions, as readers see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// Revision that created the key (since its last delete).
+    pub create_revision: u64,
+    /// Revision of the last change.
+    pub mod_revision: u64,
+    /// Number of puts since creation (1 after the first).
+    pub version: u64,
+}
+
+/// One state change to submit through Raft. Each command is one Raft entry
+/// and, if it changes anything, exactly one new revision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Set `key`; with `expected_mod_revision`, only if the key's current
+    /// mod revision equals it (0 = only if absent).
+    Put {
+        key: String,
+        value: Vec<u8>,
+        expected_mod_revision: Option<u64>,
+    },
+    /// Remove `key`; with `expected_mod_revision`, only if it matches.
+    Delete {
+        key: String,
+        expected_mod_revision: Option<u64>,
+    },
+    /// If all compares hold run `success`, else `failure`, atomically.
+    Txn {
+        compare: Vec<Compare>,
+        success: Vec<TxnOp>,
+        failure: Vec<TxnOp>,
+    },
+    /// Forget the change feed at and below `revision`.
+    Compact { revision: u64 },
+}
+
+impl Command {
+    /// Short name for spans and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Put { .. } => "put",
+            Command::Delete { .. } => "delete",
+            Command::Txn { .. } => "txn",
+            Command::Compact { .. } => "compact",
+        }
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Put { key, value, .. } => write!(f, "put {key} ({} bytes)", value.len()),
+            Command::Delete { key, .. } => write!(f, "delete {key}"),
+            Command::Txn {
+                compare,
+                success,
+                failure,
+            } => write!(
+                f,
+                "txn ({} compares, {} success ops, {} failure ops)",
+                compare.len(),
+                success.len(),
+                failure.len()
+            ),
+            Command::Compact { revision } => write!(f, "compact {revision}"),
+        }
+    }
+}
+
+/// What a compare looks at, with the value to compare against.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareTarget {
+    ModRevision(u64),
+    CreateRevision(u64),
+    Version(u64),
+    Value(Vec<u8>),
+}
+
+/// How a compare compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareOp {
+    Equal,
+    NotEqual,
+    Greater,
+    Less,
+}
+
+/// One condition of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compare {
+    pub key: String,
+    pub target: CompareTarget,
+    pub op: CompareOp,
+}
+
+impl Compare {
+    /// Evaluate against the key's current value (`None` = absent: revisions
+    /// and version count as 0, and no value matches).
+    pub fn holds(&self, current: Option<&KeyValue>) -> bool {
+        use std::cmp::Ordering;
+        let ordering = match (&self.target, current) {
+            (CompareTarget::ModRevision(n), kv) => kv.map_or(0, |kv| kv.mod_revision).cmp(n),
+            (CompareTarget::CreateRevision(n), kv) => kv.map_or(0, |kv| kv.create_revision).cmp(n),
+            (CompareTarget::Version(n), kv) => kv.map_or(0, |kv| kv.version).cmp(n),
+            (CompareTarget::Value(_), None) => return false,
+            (CompareTarget::Value(v), Some(kv)) => kv.value.as_slice().cmp(v.as_slice()),
+        };
+        match self.op {
+            CompareOp::Equal => ordering == Ordering::Equal,
+            CompareOp::NotEqual => ordering != Ordering::Equal,
+            CompareOp::Greater => ordering == Ordering::Greater,
+            CompareOp::Less => ordering == Ordering::Less,
+        }
+    }
+}
+
+/// An operation inside a transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnOp {
+    Put { key: String, value: Vec<u8> },
+    Delete { key: String },
+    Get { key: String },
+}
+
+/// The result of one transaction operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnOpResult {
+    /// `prev` is the value before the put.
+    Put { prev: Option<KeyValue> },
+    /// `prev` is the deleted value, `None` if the key did not exist.
+    Delete { prev: Option<KeyValue> },
+    Get { kv: Option<KeyValue> },
+}
+
+/// What applying a command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Blank and membership entries.
+    None,
+    Put {
+        prev: Option<KeyValue>,
+    },
+    /// `prev` is `None` when the key did not exist (nothing changed).
+    Delete {
+        prev: Option<KeyValue>,
+    },
+    Txn {
+        succeeded: bool,
+        results: Vec<TxnOpResult>,
+    },
+    /// A compare-and-set did not hold: nothing changed.
+    Conflict {
+        key: String,
+        current_mod_revision: u64,
+    },
+    /// The change feed now starts after `compact_revision`.
+    Compacted {
+        compact_revision: u64,
+    },
+    /// The command was well-formed but not applicable (e.g. compacting a
+    /// future revision). Nothing changed.
+    Rejected {
+        reason: String,
+    },
+}
+
+/// The response of the state machine to one entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResponse {
+    /// The store revision after this entry (unchanged if it changed nothing).
+    pub revision: u64,
+    pub outcome: Outcome,
+}
+
+/// Kind of a watch event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// One key's change. For deletes `kv` holds the key and the delete's
+/// revision as `mod_revision`; value and the other fields are empty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: EventKind,
+    pub kv: KeyValue,
+}
+
+/// All events of one revision (never split).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionEvents {
+    pub revision: u64,
+    pub events: Vec<Event>,
+}
