@@ -617,3 +617,213 @@ impl RevisionedStore for SledStore {
         self.db.size_on_disk().unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: SledStore,
+        index: u64,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let db = sled::Config::new().path(dir.path()).open().expect("open sled");
+            Fixture {
+                store: SledStore::new(db).expect("store"),
+                _dir: dir,
+                index: 0,
+            }
+        }
+
+        fn entry(&mut self, cmd: Command) -> Entry {
+            self.index += 1;
+            Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), self.index),
+                payload: EntryPayload::Normal(cmd),
+            }
+        }
+
+        fn apply(&mut self, cmds: Vec<Command>) -> Vec<CommandResponse> {
+            let entries: Vec<Entry> = cmds.into_iter().map(|c| self.entry(c)).collect();
+            self.store.apply_entries(&entries).expect("apply")
+        }
+
+        fn apply1(&mut self, cmd: Command) -> CommandResponse {
+            self.apply(vec![cmd]).remove(0)
+        }
+    }
+
+    fn put(key: &str, value: &str) -> Command {
+        Command::Put {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            expected_mod_revision: None,
+        }
+    }
+
+    #[test]
+    fn revisions_and_versions_follow_etcd_rules() {
+        let mut f = Fixture::new();
+        assert_eq!(f.apply1(put("/a", "1")).revision, 1);
+        assert_eq!(f.apply1(put("/b", "1")).revision, 2);
+        assert_eq!(f.apply1(put("/a", "2")).revision, 3);
+        let a = f.store.get("/a").expect("get").expect("present");
+        assert_eq!((a.create_revision, a.mod_revision, a.version), (1, 3, 2));
+        // Deleting a missing key spends no revision.
+        let r = f.apply1(Command::Delete {
+            key: "/nope".into(),
+            expected_mod_revision: None,
+        });
+        assert_eq!(r.revision, 3);
+        assert_eq!(r.outcome, Outcome::Delete { prev: None });
+        let r = f.apply1(Command::Delete {
+            key: "/a".into(),
+            expected_mod_revision: None,
+        });
+        assert_eq!(r.revision, 4);
+        // Re-created key starts a new life.
+        f.apply1(put("/a", "3"));
+        let a = f.store.get("/a").expect("get").expect("present");
+        assert_eq!((a.create_revision, a.mod_revision, a.version), (5, 5, 1));
+        assert_eq!(f.store.revision(), 5);
+    }
+
+    #[test]
+    fn compare_and_set_conflicts_report_current_revision() {
+        let mut f = Fixture::new();
+        f.apply1(put("/k", "v1"));
+        let r = f.apply1(Command::Put {
+            key: "/k".into(),
+            value: b"v2".to_vec(),
+            expected_mod_revision: Some(7),
+        });
+        assert_eq!(
+            r.outcome,
+            Outcome::Conflict {
+                key: "/k".into(),
+                current_mod_revision: 1
+            }
+        );
+        assert_eq!(r.revision, 1, "a failed CAS spends no revision");
+        let r = f.apply1(Command::Put {
+            key: "/k".into(),
+            value: b"v2".to_vec(),
+            expected_mod_revision: Some(1),
+        });
+        assert!(matches!(r.outcome, Outcome::Put { prev: Some(_) }));
+        // Create-only.
+        let r = f.apply1(Command::Put {
+            key: "/k".into(),
+            value: b"v3".to_vec(),
+            expected_mod_revision: Some(0),
+        });
+        assert!(matches!(r.outcome, Outcome::Conflict { current_mod_revision: 2, .. }));
+    }
+
+    #[test]
+    fn txn_is_atomic_with_one_revision() {
+        let mut f = Fixture::new();
+        f.apply1(put("/x", "1"));
+        let r = f.apply1(Command::Txn {
+            compare: vec![Compare {
+                key: "/x".into(),
+                target: CompareTarget::Value(b"1".to_vec()),
+                op: CompareOp::Equal,
+            }],
+            success: vec![
+                TxnOp::Put {
+                    key: "/y".into(),
+                    value: b"2".to_vec(),
+                },
+                TxnOp::Delete { key: "/x".into() },
+                TxnOp::Get { key: "/y".into() },
+            ],
+            failure: vec![],
+        });
+        assert_eq!(r.revision, 2);
+        let Outcome::Txn { succeeded, results } = r.outcome else {
+            panic!("expected txn outcome");
+        };
+        assert!(succeeded);
+        assert!(matches!(&results[2], TxnOpResult::Get { kv: Some(kv) } if kv.value == b"2"));
+        let page = f.store.events_since(1, "/", 10).expect("history");
+        assert_eq!(page.revisions.len(), 1, "both changes in one revision");
+        assert_eq!(page.revisions[0].events.len(), 2);
+        // Failing compare runs the failure branch.
+        let r = f.apply1(Command::Txn {
+            compare: vec![Compare {
+                key: "/x".into(),
+                target: CompareTarget::Version(0),
+                op: CompareOp::Greater,
+            }],
+            success: vec![TxnOp::Put {
+                key: "/z".into(),
+                value: vec![],
+            }],
+            failure: vec![TxnOp::Get { key: "/y".into() }],
+        });
+        assert!(matches!(r.outcome, Outcome::Txn { succeeded: false, .. }));
+        assert_eq!(r.revision, 2, "read-only branch spends no revision");
+        assert!(f.store.get("/z").expect("get").is_none());
+    }
+
+    #[test]
+    fn history_is_ordered_filtered_and_compactable() {
+        let mut f = Fixture::new();
+        f.apply(vec![put("/a/1", "x"), put("/b/1", "x"), put("/a/2", "x")]);
+        let page = f.store.events_since(0, "/a/", 100).expect("history");
+        let revs: Vec<u64> = page.revisions.iter().map(|r| r.revision).collect();
+        assert_eq!(revs, vec![1, 3]);
+        assert_eq!(page.scanned_to, 3);
+        let r = f.apply1(Command::Compact { revision: 2 });
+        assert_eq!(r.outcome, Outcome::Compacted { compact_revision: 2 });
+        assert!(matches!(
+            f.store.events_since(1, "", 100),
+            Err(StoreError::Compacted { compact_revision: 2, .. })
+        ));
+        let page = f.store.events_since(2, "", 100).expect("after compaction");
+        assert_eq!(page.revisions.len(), 1);
+        let r = f.apply1(Command::Compact { revision: 99 });
+        assert!(matches!(r.outcome, Outcome::Rejected { .. }));
+    }
+
+    #[test]
+    fn export_import_round_trip() {
+        let mut f = Fixture::new();
+        f.apply(vec![put("/a", "1"), put("/b", "2"), put("/a", "3")]);
+        let body = f.store.export().expect("export");
+        let mut g = Fixture::new();
+        g.store.import(body).expect("import");
+        assert_eq!(g.store.revision(), 3);
+        assert_eq!(g.store.get("/a").expect("get"), f.store.get("/a").expect("get"));
+        assert!(matches!(g.store.events_since(0, "", 10), Err(StoreError::Compacted { .. })));
+        // Applying continues from the imported revision.
+        g.index = 3;
+        assert_eq!(g.apply1(put("/c", "4")).revision, 4);
+    }
+
+    #[test]
+    fn state_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::Config::new().path(dir.path()).open().expect("open");
+            let mut f = Fixture {
+                store: SledStore::new(db).expect("store"),
+                _dir: tempfile::tempdir().expect("tempdir"),
+                index: 0,
+            };
+            f.apply(vec![put("/a", "1"), put("/a", "2")]);
+            f.store.flush().expect("flush");
+        }
+        let db = sled::Config::new().path(dir.path()).open().expect("reopen");
+        let store = SledStore::new(db).expect("store");
+        assert_eq!(store.revision(), 2);
+        let (applied, _) = store.applied_state().expect("applied");
+        assert_eq!(applied.map(|l| l.index), Some(2));
+    }
+}
