@@ -1,0 +1,234 @@
+//! Protobuf ⇄ domain conversions. Requests are validated here, once, and
+//! every error names the field path that is wrong.
+
+use trellis_proto::admin as pb;
+use trellis_raft_store::{Command, Compare, CompareOp, CompareTarget, KeyValue, TxnOp, TxnOpResult};
+
+use crate::error::{ApiError, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+
+/// Most operations in one txn (per branch), as etcd's `--max-txn-ops`.
+pub const MAX_TXN_OPS: usize = 128;
+/// Most compares in one txn.
+pub const MAX_TXN_COMPARES: usize = 128;
+
+/// Check a key: non-empty, at most [`MAX_KEY_BYTES`].
+pub fn check_key(field: &str, key: &str) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(ApiError::invalid(
+            field,
+            format!("is {} bytes; the limit is {MAX_KEY_BYTES}", key.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Check a value: at most [`MAX_VALUE_BYTES`].
+pub fn check_value(field: &str, value: &[u8]) -> Result<(), ApiError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(ApiError::invalid(
+            field,
+            format!("is {} bytes; the limit is {MAX_VALUE_BYTES}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A validated `Put` command (the domain type lives in the store crate, so
+/// these are functions rather than `TryFrom` impls).
+pub fn put_command(r: &pb::PutRequest) -> Result<Command, ApiError> {
+    {
+        check_key("key", &r.key)?;
+        check_value("value", &r.value)?;
+        Ok(Command::Put {
+            key: r.key.clone(),
+            value: r.value.clone(),
+            expected_mod_revision: r.expected_mod_revision,
+        })
+    }
+}
+
+/// A validated `Delete` command.
+pub fn delete_command(r: &pb::DeleteRequest) -> Result<Command, ApiError> {
+    {
+        check_key("key", &r.key)?;
+        Ok(Command::Delete {
+            key: r.key.clone(),
+            expected_mod_revision: r.expected_mod_revision,
+        })
+    }
+}
+
+fn txn_op(field: &str, op: &pb::TxnOp) -> Result<TxnOp, ApiError> {
+    match &op.op {
+        None => Err(ApiError::invalid(field, "no operation set (put, delete or get)")),
+        Some(pb::txn_op::Op::Put(p)) => {
+            check_key(&format!("{field}.put.key"), &p.key)?;
+            check_value(&format!("{field}.put.value"), &p.value)?;
+            if p.expected_mod_revision.is_some() {
+                return Err(ApiError::invalid(
+                    format!("{field}.put.expected_mod_revision"),
+                    "not allowed inside a txn; use a compare",
+                ));
+            }
+            Ok(TxnOp::Put {
+                key: p.key.clone(),
+                value: p.value.clone(),
+            })
+        }
+        Some(pb::txn_op::Op::Delete(d)) => {
+            check_key(&format!("{field}.delete.key"), &d.key)?;
+            if d.expected_mod_revision.is_some() {
+                return Err(ApiError::invalid(
+                    format!("{field}.delete.expected_mod_revision"),
+                    "not allowed inside a txn; use a compare",
+                ));
+            }
+            Ok(TxnOp::Delete { key: d.key.clone() })
+        }
+        Some(pb::txn_op::Op::Get(g)) => {
+            check_key(&format!("{field}.get.key"), &g.key)?;
+            Ok(TxnOp::Get { key: g.key.clone() })
+        }
+    }
+}
+
+fn txn_ops(branch: &str, ops: &[pb::TxnOp]) -> Result<Vec<TxnOp>, ApiError> {
+    if ops.len() > MAX_TXN_OPS {
+        return Err(ApiError::invalid(
+            branch,
+            format!("{} operations; the limit is {MAX_TXN_OPS}", ops.len()),
+        ));
+    }
+    ops.iter()
+        .enumerate()
+        .map(|(i, op)| txn_op(&format!("{branch}[{i}]"), op))
+        .collect()
+}
+
+/// A validated `Txn` command.
+pub fn txn_command(r: &pb::TxnRequest) -> Result<Command, ApiError> {
+    {
+        if r.compare.len() > MAX_TXN_COMPARES {
+            return Err(ApiError::invalid(
+                "compare",
+                format!("{} compares; the limit is {MAX_TXN_COMPARES}", r.compare.len()),
+            ));
+        }
+        let mut compare = Vec::with_capacity(r.compare.len());
+        for (i, c) in r.compare.iter().enumerate() {
+            let field = format!("compare[{i}]");
+            check_key(&format!("{field}.key"), &c.key)?;
+            let target = match pb::compare::Target::try_from(c.target) {
+                Ok(pb::compare::Target::ModRevision) => CompareTarget::ModRevision(c.number),
+                Ok(pb::compare::Target::CreateRevision) => CompareTarget::CreateRevision(c.number),
+                Ok(pb::compare::Target::Version) => CompareTarget::Version(c.number),
+                Ok(pb::compare::Target::Value) => CompareTarget::Value(c.value.clone()),
+                Err(_) => return Err(ApiError::invalid(format!("{field}.target"), format!("unknown target {}", c.target))),
+            };
+            let op = match pb::compare::Op::try_from(c.op) {
+                Ok(pb::compare::Op::Equal) => CompareOp::Equal,
+                Ok(pb::compare::Op::NotEqual) => CompareOp::NotEqual,
+                Ok(pb::compare::Op::Greater) => CompareOp::Greater,
+                Ok(pb::compare::Op::Less) => CompareOp::Less,
+                Err(_) => return Err(ApiError::invalid(format!("{field}.op"), format!("unknown op {}", c.op))),
+            };
+            compare.push(Compare {
+                key: c.key.clone(),
+                target,
+                op,
+            });
+        }
+        Ok(Command::Txn {
+            compare,
+            success: txn_ops("success", &r.success)?,
+            failure: txn_ops("failure", &r.failure)?,
+        })
+    }
+}
+
+/// Domain value → protobuf.
+pub fn kv_to_pb(kv: KeyValue) -> pb::KeyValue {
+    pb::KeyValue {
+        key: kv.key,
+        value: kv.value,
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
+        version: kv.version,
+    }
+}
+
+/// Domain txn result → protobuf, given the header for nested responses.
+pub fn txn_result_to_pb(r: TxnOpResult, header: &pb::ResponseHeader) -> pb::TxnOpResult {
+    use pb::txn_op_result::Result as R;
+    let result = match r {
+        TxnOpResult::Put { prev } => R::Put(pb::PutResponse {
+            header: Some(*header),
+            prev_kv: prev.map(kv_to_pb),
+        }),
+        TxnOpResult::Delete { prev } => R::Delete(pb::DeleteResponse {
+            header: Some(*header),
+            deleted: prev.is_some(),
+            prev_kv: prev.map(kv_to_pb),
+        }),
+        TxnOpResult::Get { kv } => R::Get(pb::GetResponse {
+            header: Some(*header),
+            kv: kv.map(kv_to_pb),
+        }),
+    };
+    pb::TxnOpResult { result: Some(result) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_validation_names_fields() {
+        let err = put_command(&pb::PutRequest::default()).unwrap_err();
+        assert_eq!(err.to_string(), "invalid argument: key: must not be empty");
+        let big_key = pb::PutRequest {
+            key: "k".repeat(MAX_KEY_BYTES + 1),
+            ..Default::default()
+        };
+        assert!(put_command(&big_key).unwrap_err().to_string().contains("limit is 1024"));
+        let big_value = pb::PutRequest {
+            key: "k".into(),
+            value: vec![0; MAX_VALUE_BYTES + 1],
+            ..Default::default()
+        };
+        assert!(put_command(&big_value).unwrap_err().to_string().starts_with("invalid argument: value:"));
+    }
+
+    #[test]
+    fn txn_validation_names_nested_fields() {
+        let req = pb::TxnRequest {
+            compare: vec![],
+            success: vec![
+                pb::TxnOp {
+                    op: Some(pb::txn_op::Op::Get(pb::GetRequest {
+                        key: "a".into(),
+                        serializable: false,
+                    })),
+                },
+                pb::TxnOp {
+                    op: Some(pb::txn_op::Op::Put(pb::PutRequest::default())),
+                },
+            ],
+            failure: vec![],
+        };
+        let err = txn_command(&req).unwrap_err().to_string();
+        assert!(err.contains("success[1].put.key"), "{err}");
+        let req = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                key: "a".into(),
+                target: 9,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(txn_command(&req).unwrap_err().to_string().contains("compare[0].target"));
+    }
+}

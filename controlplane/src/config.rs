@@ -1,0 +1,303 @@
+//! `trellisd` configuration: a TOML file and/or command-line flags
+//! (flags win), validated before anything starts.
+//!
+//! ```toml
+//! id = 1
+//! data_dir = "/var/lib/trellis"
+//! raft_addr = "10.0.0.1:7380"
+//! admin_addr = "10.0.0.1:7379"
+//! quic_addr = "10.0.0.1:7381"
+//!
+//! [raft]
+//! heartbeat_ms = 50
+//! election_timeout_min_ms = 150
+//! election_timeout_max_ms = 300
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Admin gRPC port (next to etcd's 2379 habit, shifted to avoid clashes).
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:7379";
+/// Raft peer RPC port.
+pub const DEFAULT_RAFT_ADDR: &str = "127.0.0.1:7380";
+/// QUIC port for sidecars (reserved: bound, not yet served).
+pub const DEFAULT_QUIC_ADDR: &str = "127.0.0.1:7381";
+
+/// Leader heartbeat. 50 ms keeps followers' view of the leader fresh
+/// enough for sub-second failover while costing ~20 small RPCs/s per peer.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 50;
+/// Election timeout bounds. openraft 0.9 makes a follower wait its leader
+/// lease (= the max) plus a random timeout in [min, max] after the last
+/// heartbeat, so 150–300 ms gives 450–600 ms to notice a dead leader while
+/// tolerating 6 lost heartbeats before a spurious election.
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 150;
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 300;
+/// Build a snapshot after this many applied entries: bounds log size and
+/// restart replay time without snapshotting constantly under load.
+pub const DEFAULT_SNAPSHOT_AFTER_LOGS: u64 = 10_000;
+/// Entries kept in the log behind a snapshot, so a briefly lagging
+/// follower catches up from the log instead of a full snapshot transfer.
+pub const DEFAULT_LOGS_KEPT_AFTER_SNAPSHOT: u64 = 5_000;
+/// Time for one snapshot chunk to be accepted. openraft's 200 ms default
+/// resends slow chunks forever on a loaded machine (see DEPENDENCIES.md).
+pub const DEFAULT_INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 5_000;
+/// How long an API call waits for the cluster (leader election, commit)
+/// before answering UNAVAILABLE: several election rounds.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
+
+/// Raft timing and log-compaction knobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftTiming {
+    /// Leader heartbeat interval in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomized election timeout (ms).
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomized election timeout (ms); also openraft's
+    /// leader lease.
+    pub election_timeout_max_ms: u64,
+    /// Snapshot after this many entries since the last snapshot.
+    pub snapshot_after_logs: u64,
+    /// Log entries kept behind the last snapshot.
+    pub logs_kept_after_snapshot: u64,
+    /// Per-chunk snapshot install timeout (ms).
+    pub install_snapshot_timeout_ms: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            election_timeout_min_ms: DEFAULT_ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max_ms: DEFAULT_ELECTION_TIMEOUT_MAX_MS,
+            snapshot_after_logs: DEFAULT_SNAPSHOT_AFTER_LOGS,
+            logs_kept_after_snapshot: DEFAULT_LOGS_KEPT_AFTER_SNAPSHOT,
+            install_snapshot_timeout_ms: DEFAULT_INSTALL_SNAPSHOT_TIMEOUT_MS,
+        }
+    }
+}
+
+/// Everything a control node needs to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Raft node id: unique in the cluster, never reused, not 0.
+    pub id: u64,
+    /// Where the database and snapshots live.
+    pub data_dir: PathBuf,
+    /// Listen address for Raft peer RPC (port 0 picks one).
+    pub raft_addr: String,
+    /// Listen address for the admin gRPC API (port 0 picks one).
+    pub admin_addr: String,
+    /// Listen address reserved for sidecars over QUIC (UDP).
+    pub quic_addr: String,
+    /// Raft address other nodes dial, if not the listen address (e.g. when
+    /// listening on 0.0.0.0).
+    pub advertise_raft_addr: Option<String>,
+    /// Admin address other nodes forward to, if not the listen address.
+    pub advertise_admin_addr: Option<String>,
+    /// Local override of the address dialed for a peer id (test harnesses
+    /// that put a fault proxy on each link). Membership is not changed.
+    pub peer_dial_overrides: BTreeMap<u64, String>,
+    /// How long API calls wait for the cluster before UNAVAILABLE (ms).
+    pub request_timeout_ms: u64,
+    /// Raft timing.
+    pub raft: RaftTiming,
+    /// tracing filter, e.g. `info` or `trellis=debug,openraft=warn`.
+    pub log_level: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: 0,
+            data_dir: PathBuf::new(),
+            raft_addr: DEFAULT_RAFT_ADDR.to_string(),
+            admin_addr: DEFAULT_ADMIN_ADDR.to_string(),
+            quic_addr: DEFAULT_QUIC_ADDR.to_string(),
+            advertise_raft_addr: None,
+            advertise_admin_addr: None,
+            peer_dial_overrides: BTreeMap::new(),
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            raft: RaftTiming::default(),
+            log_level: "info,openraft=warn".to_string(),
+        }
+    }
+}
+
+/// A configuration problem, naming the field (and file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// toml's message carries the line and column.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn check_addr(field: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse::<SocketAddr>()
+        .map_err(|e| invalid(field, format!("{value:?} is not host:port with an IP address ({e})")))
+}
+
+impl NodeConfig {
+    /// Load a TOML file (unknown fields are errors).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parse TOML text; the error string names line, column and field.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Check every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(invalid("id", "must be set to a positive integer"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must be set"));
+        }
+        let raft = check_addr("raft_addr", &self.raft_addr)?;
+        let admin = check_addr("admin_addr", &self.admin_addr)?;
+        let quic = check_addr("quic_addr", &self.quic_addr)?;
+        if raft.port() != 0 && raft.port() == admin.port() && raft.ip() == admin.ip() {
+            return Err(invalid("admin_addr", "must differ from raft_addr"));
+        }
+        let _ = quic;
+        if let Some(a) = &self.advertise_raft_addr {
+            check_addr("advertise_raft_addr", a)?;
+        }
+        if let Some(a) = &self.advertise_admin_addr {
+            check_addr("advertise_admin_addr", a)?;
+        }
+        for addr in self.peer_dial_overrides.values() {
+            check_addr("peer_dial_overrides", addr)?;
+        }
+        if self.request_timeout_ms == 0 {
+            return Err(invalid("request_timeout_ms", "must be positive"));
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 {
+            return Err(invalid("raft.heartbeat_ms", "must be positive"));
+        }
+        if r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            return Err(invalid(
+                "raft.election_timeout_min_ms",
+                format!(
+                    "{} ms must be more than twice raft.heartbeat_ms ({} ms), or followers start elections while the leader is healthy",
+                    r.election_timeout_min_ms, r.heartbeat_ms
+                ),
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(invalid(
+                "raft.election_timeout_max_ms",
+                format!(
+                    "{} ms must be greater than raft.election_timeout_min_ms ({} ms)",
+                    r.election_timeout_max_ms, r.election_timeout_min_ms
+                ),
+            ));
+        }
+        if r.snapshot_after_logs == 0 {
+            return Err(invalid("raft.snapshot_after_logs", "must be positive"));
+        }
+        if r.install_snapshot_timeout_ms == 0 {
+            return Err(invalid("raft.install_snapshot_timeout_ms", "must be positive"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| invalid("log_level", format!("{:?}: {e}", self.log_level)))?;
+        Ok(())
+    }
+
+    /// The openraft configuration these settings mean.
+    pub fn openraft_config(&self) -> Result<openraft::Config, ConfigError> {
+        let r = &self.raft;
+        openraft::Config {
+            cluster_name: "trellis".to_string(),
+            heartbeat_interval: r.heartbeat_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            install_snapshot_timeout: r.install_snapshot_timeout_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: r.logs_kept_after_snapshot,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| invalid("raft", e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> NodeConfig {
+        NodeConfig {
+            id: 1,
+            data_dir: "/tmp/x".into(),
+            ..NodeConfig::default()
+        }
+    }
+
+    #[test]
+    fn defaults_with_id_and_dir_are_valid() {
+        base().validate().expect("valid");
+        base().openraft_config().expect("openraft accepts it");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut c = base();
+        c.id = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("id"));
+        let mut c = base();
+        c.admin_addr = "localhost".into();
+        assert!(c.validate().unwrap_err().to_string().contains("admin_addr"));
+        let mut c = base();
+        c.raft.election_timeout_min_ms = 60;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("raft.election_timeout_min_ms"));
+    }
+
+    #[test]
+    fn toml_errors_carry_line_and_unknown_fields_are_rejected() {
+        let err = NodeConfig::from_toml("id = 1\n[raft]\nheartbeat = 5\n").unwrap_err();
+        assert!(err.contains("heartbeat"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        let err = NodeConfig::from_toml("id = \"one\"\n").unwrap_err();
+        assert!(err.contains("line 1"), "{err}");
+        let c = NodeConfig::from_toml("id = 2\ndata_dir = \"/d\"\n[raft]\nheartbeat_ms = 20\n").expect("parse");
+        assert_eq!(c.raft.heartbeat_ms, 20);
+        assert_eq!(c.raft.election_timeout_max_ms, DEFAULT_ELECTION_TIMEOUT_MAX_MS);
+    }
+}

@@ -1,0 +1,146 @@
+//! API errors: typed where they arise, turned into gRPC statuses in exactly
+//! one place ([`From<ApiError> for tonic::Status`]).
+//!
+//! Each error knows whether the client may safely retry it
+//! ([`ApiError::retry_safe`]); the status carries that as the
+//! `x-trellis-retry-safe` metadata, and conflicts carry the key's current
+//! revision as `x-trellis-current-revision`.
+
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
+
+/// Largest key accepted (bytes).
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Largest value accepted (bytes).
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed; `field` is the protobuf field path.
+    #[error("invalid argument: {field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("key not found: {key}")]
+    NotFound { key: String },
+    #[error("member {id} not found")]
+    MemberNotFound { id: u64 },
+    /// A compare-and-set / compare did not hold.
+    #[error("compare failed for key {key}: its current mod_revision is {current}")]
+    Conflict { key: String, current: u64 },
+    /// A watch asked for history that is gone.
+    #[error("revision {requested} is compacted: history starts after revision {compact_revision}")]
+    Compacted { requested: u64, compact_revision: u64 },
+    /// The operation does not apply in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// No leader could be found in time; nothing was proposed.
+    #[error("no leader available ({0}); retry later")]
+    NoLeader(String),
+    /// The proposal was made but not confirmed in time: it may still
+    /// commit, so a blind retry of a non-idempotent write is not safe.
+    #[error("{what} not confirmed within {after:?} (no quorum?); it may still take effect")]
+    Timeout { what: &'static str, after: Duration },
+    /// A forwarded request failed at the leader: passed through as is.
+    #[error("{0}")]
+    Remote(Status),
+    /// A bug or storage failure, with where it came from.
+    #[error("internal error in {origin}: {message}")]
+    Internal { origin: &'static str, message: String },
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ApiError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn internal(origin: &'static str, err: impl std::fmt::Display) -> Self {
+        ApiError::Internal {
+            origin,
+            message: err.to_string(),
+        }
+    }
+
+    /// May the client send the same request again without risk of applying
+    /// it twice?
+    pub fn retry_safe(&self) -> bool {
+        match self {
+            ApiError::NoLeader(_) => true,
+            ApiError::Remote(s) => s
+                .metadata()
+                .get("x-trellis-retry-safe")
+                .is_some_and(|v| v.as_bytes() == b"true"),
+            _ => false,
+        }
+    }
+
+    fn code(&self) -> Code {
+        match self {
+            ApiError::InvalidArgument { .. } => Code::InvalidArgument,
+            ApiError::NotFound { .. } | ApiError::MemberNotFound { .. } => Code::NotFound,
+            ApiError::Conflict { .. } => Code::FailedPrecondition,
+            ApiError::Compacted { .. } => Code::OutOfRange,
+            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ApiError::NoLeader(_) => Code::Unavailable,
+            ApiError::Timeout { .. } => Code::Unavailable,
+            ApiError::Remote(s) => s.code(),
+            ApiError::Internal { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Status {
+        if let ApiError::Remote(status) = err {
+            return status;
+        }
+        let mut status = Status::new(err.code(), err.to_string());
+        let md = status.metadata_mut();
+        md.insert(
+            "x-trellis-retry-safe",
+            MetadataValue::from_static(if err.retry_safe() { "true" } else { "false" }),
+        );
+        if let ApiError::Conflict { current, .. } = &err {
+            if let Ok(v) = MetadataValue::try_from(current.to_string()) {
+                md.insert("x-trellis-current-revision", v);
+            }
+        }
+        if let ApiError::Internal { .. } = &err {
+            tracing::error!(error = %err, "internal error");
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_metadata() {
+        let s: Status = ApiError::Conflict {
+            key: "/a".into(),
+            current: 7,
+        }
+        .into();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("current mod_revision is 7"));
+        assert_eq!(
+            s.metadata().get("x-trellis-current-revision").map(|v| v.as_bytes()),
+            Some(&b"7"[..])
+        );
+        let s: Status = ApiError::NoLeader("election in progress".into()).into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(ApiError::Remote(s).retry_safe());
+        let s: Status = ApiError::Timeout {
+            what: "put",
+            after: Duration::from_secs(5),
+        }
+        .into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(!ApiError::Remote(s).retry_safe());
+    }
+}

@@ -1,0 +1,23 @@
+//! `trellis-controlplane`: a Trellis control node (`trellisd`) and the
+//! operator CLI (`trellisctl`).
+//!
+//! A control node ([`node::RunningNode`]) is one member of a Raft cluster
+//! (openraft) whose state machine is the revisioned store of
+//! `trellis-raft-store`. Requests enter through two gRPC listeners:
+//!
+//! - the admin API ([`api`]: `KV` and `Cluster`), on `admin_addr`, from
+//!   operators, `trellisctl`, tests — writes and linearizable reads are
+//!   routed to the leader by [`node::Node::route`];
+//! - Raft peer RPC ([`peer`] serves, [`network`] dials), on `raft_addr`,
+//!   from the other control nodes.
+//!
+//! Data leaves through API responses and watch streams, which read the
+//! store's change feed ([`api::watch`]). Configuration is [`config`];
+//! errors become gRPC statuses in one place, [`error`].
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod network;
+pub mod node;
+pub mod peer;

@@ -1,0 +1,324 @@
+//! A running control node: binds its listeners, opens the store, starts
+//! Raft, and serves the peer and admin gRPC services.
+//!
+//! [`Node`] is the state every request handler shares: the [`Raft`]
+//! handle, the [`RevisionedStore`] to read from, and leader routing —
+//! [`Node::route`] says whether this node can serve a write or a
+//! linearizable read itself or which leader to forward it to.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::ServerState;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Channel;
+use trellis_proto::admin::ResponseHeader;
+use trellis_raft_store::{Command, CommandResponse, NodeAddr, NodeId, Raft, RevisionedStore, StateMachine};
+
+use crate::config::NodeConfig;
+use crate::error::ApiError;
+use crate::network::{lazy_channel, PeerNetwork};
+
+/// Connect timeout when forwarding to the leader's admin API.
+const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Largest admin message accepted or sent: a 1 MiB value plus overhead,
+/// and list pages (bounded by [`crate::api::kv::LIST_MAX_BYTES`]).
+pub const MAX_ADMIN_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Where a request is served.
+pub enum Route {
+    /// This node is the leader.
+    Local,
+    /// Forward to the leader's admin API over this channel.
+    Forward { leader: NodeId, channel: Channel },
+}
+
+/// Shared state of a control node.
+pub struct Node {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub store: Arc<dyn RevisionedStore>,
+    pub sm: StateMachine,
+    /// This node's advertised addresses.
+    pub addr: NodeAddr,
+    pub config: NodeConfig,
+    pub request_timeout: Duration,
+    admin_channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Node {
+    /// The response header for an answer at `revision`.
+    pub fn header(&self, revision: u64) -> ResponseHeader {
+        ResponseHeader {
+            revision,
+            node_id: self.id,
+            raft_term: self.raft.metrics().borrow().current_term,
+        }
+    }
+
+    fn admin_channel(&self, addr: &str) -> Result<Channel, ApiError> {
+        let mut map = self.admin_channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ch) = map.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = lazy_channel(addr, FORWARD_CONNECT_TIMEOUT)
+            .map_err(|e| ApiError::internal("forwarding", format!("bad leader address {addr:?}: {e}")))?;
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Decide where a write or linearizable read is served, waiting (up to
+    /// the request timeout) for a leader if an election is under way.
+    /// A request that was already forwarded once is never forwarded again.
+    pub async fn route(&self, already_forwarded: bool) -> Result<Route, ApiError> {
+        let mut rx = self.raft.metrics();
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            {
+                let m = rx.borrow_and_update();
+                if m.membership_config.membership().voter_ids().next().is_none() {
+                    return Err(ApiError::FailedPrecondition(
+                        "this node is not part of an initialized cluster (run `trellisctl cluster init`)".into(),
+                    ));
+                }
+                match m.current_leader {
+                    Some(l) if l == self.id && m.state == ServerState::Leader => return Ok(Route::Local),
+                    Some(l) if l != self.id => {
+                        if already_forwarded {
+                            return Err(ApiError::NoLeader(format!(
+                                "node {} is not the leader; node {l} is",
+                                self.id
+                            )));
+                        }
+                        let addr = m
+                            .membership_config
+                            .membership()
+                            .get_node(&l)
+                            .map(|n| n.admin_addr.clone())
+                            .ok_or_else(|| ApiError::NoLeader(format!("leader {l} is not in the membership")))?;
+                        drop(m);
+                        return Ok(Route::Forward {
+                            leader: l,
+                            channel: self.admin_channel(&addr)?,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(ApiError::NoLeader(format!(
+                    "no leader elected within {:?}",
+                    self.request_timeout
+                )));
+            }
+        }
+    }
+
+    /// Propose `cmd` on this node (which [`Node::route`] found to be the
+    /// leader) and wait until it is applied.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResponse, ApiError> {
+        let what = cmd.kind();
+        match tokio::time::timeout(self.request_timeout, self.raft.client_write(cmd)).await {
+            Err(_) => Err(ApiError::Timeout {
+                what,
+                after: self.request_timeout,
+            }),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(ApiError::NoLeader(format!(
+                "leadership moved to {:?} before the {what} was proposed",
+                f.leader_id
+            ))),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(ApiError::FailedPrecondition(e.to_string()))
+            }
+            Ok(Err(RaftError::Fatal(e))) => Err(ApiError::internal("raft", e)),
+        }
+    }
+
+    /// Confirm leadership with a quorum (read index) and wait until this
+    /// node has applied up to it: a read after this is linearizable.
+    pub async fn read_barrier(&self) -> Result<(), ApiError> {
+        match tokio::time::timeout(self.request_timeout, self.raft.ensure_linearizable()).await {
+            Err(_) => Err(ApiError::NoLeader(format!(
+                "leadership not confirmed by a quorum within {:?}",
+                self.request_timeout
+            ))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(ApiError::NoLeader(format!(
+                "leadership moved to {:?} during the read",
+                f.leader_id
+            ))),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                Err(ApiError::NoLeader(e.to_string()))
+            }
+            Ok(Err(RaftError::Fatal(e))) => Err(ApiError::internal("raft", e)),
+        }
+    }
+}
+
+/// Addresses a started node actually bound (port 0 resolved).
+#[derive(Debug, Clone)]
+pub struct BoundAddrs {
+    pub raft: SocketAddr,
+    pub admin: SocketAddr,
+    pub quic: SocketAddr,
+}
+
+/// A started node and its server tasks.
+pub struct RunningNode {
+    pub node: Arc<Node>,
+    pub addrs: BoundAddrs,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    /// Held so the QUIC port stays reserved for the sidecar endpoint.
+    _quic_socket: UdpSocket,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot bind {what} address {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the store: {0}")]
+    Store(#[from] trellis_raft_store::StoreError),
+    #[error("cannot start raft: {0}")]
+    Raft(String),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+}
+
+async fn bind_tcp(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+        what,
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+fn local(what: &'static str, l: &TcpListener, addr: &str) -> Result<SocketAddr, StartError> {
+    l.local_addr().map_err(|source| StartError::Bind {
+        what,
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+impl RunningNode {
+    /// Validate `config`, bind, open the store, start Raft and the servers.
+    pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
+        config.validate()?;
+        let raft_listener = bind_tcp("raft", &config.raft_addr).await?;
+        let admin_listener = bind_tcp("admin", &config.admin_addr).await?;
+        let quic_socket = UdpSocket::bind(&config.quic_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "quic",
+                addr: config.quic_addr.clone(),
+                source,
+            })?;
+        let addrs = BoundAddrs {
+            raft: local("raft", &raft_listener, &config.raft_addr)?,
+            admin: local("admin", &admin_listener, &config.admin_addr)?,
+            quic: quic_socket.local_addr().map_err(|source| StartError::Bind {
+                what: "quic",
+                addr: config.quic_addr.clone(),
+                source,
+            })?,
+        };
+        let addr = NodeAddr {
+            raft_addr: config.advertise_raft_addr.clone().unwrap_or(addrs.raft.to_string()),
+            admin_addr: config.advertise_admin_addr.clone().unwrap_or(addrs.admin.to_string()),
+        };
+
+        let (log_store, sm) = trellis_raft_store::open(&config.data_dir)?;
+        let store = sm.store();
+        let raft_config = Arc::new(config.openraft_config()?);
+        let network = PeerNetwork::new(config.peer_dial_overrides.clone().into_iter().collect::<BTreeMap<_, _>>());
+        let raft = Raft::new(config.id, raft_config, network, log_store, sm.clone())
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        let node = Arc::new(Node {
+            id: config.id,
+            raft: raft.clone(),
+            store,
+            sm,
+            addr,
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            config,
+            admin_channels: Mutex::default(),
+        });
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let stop = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        let peer = trellis_proto::raft::raft_peer_server::RaftPeerServer::new(crate::peer::PeerService::new(raft))
+            .max_decoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES);
+        let peer_server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(peer)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(raft_listener), stop(shutdown_rx.clone()));
+
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let admin_server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(crate::api::kv_service(node.clone()))
+            .add_service(crate::api::cluster_service(node.clone()))
+            .add_service(reflection)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), stop(shutdown_rx));
+
+        let servers = vec![tokio::spawn(peer_server), tokio::spawn(admin_server)];
+        tracing::info!(
+            node_id = node.id,
+            raft = %addrs.raft,
+            admin = %addrs.admin,
+            quic = %addrs.quic,
+            "control node started"
+        );
+        Ok(RunningNode {
+            node,
+            addrs,
+            shutdown,
+            servers,
+            _quic_socket: quic_socket,
+        })
+    }
+
+    /// Stop serving, stop Raft, make the store durable.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for s in self.servers {
+            match s.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "server stopped with an error"),
+                Err(e) => tracing::warn!(error = %e, "server task failed"),
+            }
+        }
+        if let Err(e) = self.node.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        if let Err(e) = self.node.store.flush() {
+            tracing::warn!(error = %e, "final flush");
+        }
+    }
+}
