@@ -153,9 +153,12 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
 }
 
 fn check_addr(field: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .parse::<SocketAddr>()
-        .map_err(|e| invalid(field, format!("{value:?} is not host:port with an IP address ({e})")))
+    value.parse::<SocketAddr>().map_err(|e| {
+        invalid(
+            field,
+            format!("{value:?} is not host:port with an IP address ({e})"),
+        )
+    })
 }
 
 impl NodeConfig {
@@ -229,7 +232,10 @@ impl NodeConfig {
             return Err(invalid("raft.snapshot_after_logs", "must be positive"));
         }
         if r.install_snapshot_timeout_ms == 0 {
-            return Err(invalid("raft.install_snapshot_timeout_ms", "must be positive"));
+            return Err(invalid(
+                "raft.install_snapshot_timeout_ms",
+                "must be positive",
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", format!("{:?}: {e}", self.log_level)))?;
@@ -296,8 +302,12 @@ mod tests {
         assert!(err.contains("line 3"), "{err}");
         let err = NodeConfig::from_toml("id = \"one\"\n").unwrap_err();
         assert!(err.contains("line 1"), "{err}");
-        let c = NodeConfig::from_toml("id = 2\ndata_dir = \"/d\"\n[raft]\nheartbeat_ms = 20\n").expect("parse");
+        let c = NodeConfig::from_toml("id = 2\ndata_dir = \"/d\"\n[raft]\nheartbeat_ms = 20\n")
+            .expect("parse");
         assert_eq!(c.raft.heartbeat_ms, 20);
-        assert_eq!(c.raft.election_timeout_max_ms, DEFAULT_ELECTION_TIMEOUT_MAX_MS);
+        assert_eq!(
+            c.raft.election_timeout_max_ms,
+            DEFAULT_ELECTION_TIMEOUT_MAX_MS
+        );
     }
 }

@@ -30,7 +30,10 @@ pub enum ApiError {
     Conflict { key: String, current: u64 },
     /// A watch asked for history that is gone.
     #[error("revision {requested} is compacted: history starts after revision {compact_revision}")]
-    Compacted { requested: u64, compact_revision: u64 },
+    Compacted {
+        requested: u64,
+        compact_revision: u64,
+    },
     /// The operation does not apply in the current state.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -46,7 +49,10 @@ pub enum ApiError {
     Remote(Status),
     /// A bug or storage failure, with where it came from.
     #[error("internal error in {origin}: {message}")]
-    Internal { origin: &'static str, message: String },
+    Internal {
+        origin: &'static str,
+        message: String,
+    },
 }
 
 impl ApiError {
@@ -129,7 +135,9 @@ mod tests {
         assert_eq!(s.code(), Code::FailedPrecondition);
         assert!(s.message().contains("current mod_revision is 7"));
         assert_eq!(
-            s.metadata().get("x-trellis-current-revision").map(|v| v.as_bytes()),
+            s.metadata()
+                .get("x-trellis-current-revision")
+                .map(|v| v.as_bytes()),
             Some(&b"7"[..])
         );
         let s: Status = ApiError::NoLeader("election in progress".into()).into();

@@ -10,11 +10,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use tonic::transport::{Channel, Endpoint};
 use trellis_proto::raft::raft_peer_client::RaftPeerClient;
@@ -33,7 +35,10 @@ pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const PEER_RETRY_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Make a lazily connecting channel to `addr` (`host:port`).
-pub fn lazy_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+pub fn lazy_channel(
+    addr: &str,
+    connect_timeout: Duration,
+) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
@@ -74,7 +79,11 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerClient {
-        let addr = self.overrides.get(&target).unwrap_or(&node.raft_addr).clone();
+        let addr = self
+            .overrides
+            .get(&target)
+            .unwrap_or(&node.raft_addr)
+            .clone();
         let client = self.channel(&addr).map(|ch| {
             RaftPeerClient::new(ch)
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
@@ -116,7 +125,13 @@ impl PeerClient {
     }
 
     /// Send `req` with `call`, decode the remote `Result<T, RaftError<E>>`.
-    async fn call<Req, T, E, F, Fut>(&mut self, req: &Req, ttl: Duration, what: &'static str, f: F) -> PeerResult<T, E>
+    async fn call<Req, T, E, F, Fut>(
+        &mut self,
+        req: &Req,
+        ttl: Duration,
+        what: &'static str,
+        f: F,
+    ) -> PeerResult<T, E>
     where
         Req: serde::Serialize,
         T: serde::de::DeserializeOwned,
@@ -126,7 +141,11 @@ impl PeerClient {
     {
         let client = match &self.client {
             Ok(c) => c.clone(),
-            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&self.err(e.clone())))),
+            Err(e) => {
+                return Err(RPCError::Unreachable(Unreachable::new(
+                    &self.err(e.clone()),
+                )))
+            }
         };
         let data = encode(what, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftPayload { data });
@@ -154,9 +173,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> PeerResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(&rpc, option.hard_ttl(), "append entries", |mut c, r| async move {
-            c.append_entries(r).await
-        })
+        self.call(
+            &rpc,
+            option.hard_ttl(),
+            "append entries",
+            |mut c, r| async move { c.append_entries(r).await },
+        )
         .await
     }
 
@@ -166,9 +188,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> PeerResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(&rpc, option.hard_ttl(), "install snapshot", |mut c, r| async move {
-            c.install_snapshot(r).await
-        })
+        self.call(
+            &rpc,
+            option.hard_ttl(),
+            "install snapshot",
+            |mut c, r| async move { c.install_snapshot(r).await },
+        )
         .await
     }
 
@@ -178,8 +203,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> PeerResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call(&rpc, option.hard_ttl(), "vote", |mut c, r| async move { c.vote(r).await })
-            .await
+        self.call(&rpc, option.hard_ttl(), "vote", |mut c, r| async move {
+            c.vote(r).await
+        })
+        .await
     }
 
     fn backoff(&self) -> Backoff {

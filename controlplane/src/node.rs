@@ -20,7 +20,9 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 use trellis_proto::admin::ResponseHeader;
-use trellis_raft_store::{Command, CommandResponse, NodeAddr, NodeId, Raft, RevisionedStore, StateMachine};
+use trellis_raft_store::{
+    Command, CommandResponse, NodeAddr, NodeId, Raft, RevisionedStore, StateMachine,
+};
 
 use crate::config::NodeConfig;
 use crate::error::ApiError;
@@ -64,12 +66,16 @@ impl Node {
     }
 
     fn admin_channel(&self, addr: &str) -> Result<Channel, ApiError> {
-        let mut map = self.admin_channels.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .admin_channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = lazy_channel(addr, FORWARD_CONNECT_TIMEOUT)
-            .map_err(|e| ApiError::internal("forwarding", format!("bad leader address {addr:?}: {e}")))?;
+        let ch = lazy_channel(addr, FORWARD_CONNECT_TIMEOUT).map_err(|e| {
+            ApiError::internal("forwarding", format!("bad leader address {addr:?}: {e}"))
+        })?;
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
@@ -83,13 +89,20 @@ impl Node {
         loop {
             {
                 let m = rx.borrow_and_update();
-                if m.membership_config.membership().voter_ids().next().is_none() {
+                if m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .next()
+                    .is_none()
+                {
                     return Err(ApiError::FailedPrecondition(
                         "this node is not part of an initialized cluster (run `trellisctl cluster init`)".into(),
                     ));
                 }
                 match m.current_leader {
-                    Some(l) if l == self.id && m.state == ServerState::Leader => return Ok(Route::Local),
+                    Some(l) if l == self.id && m.state == ServerState::Leader => {
+                        return Ok(Route::Local)
+                    }
                     Some(l) if l != self.id => {
                         if already_forwarded {
                             return Err(ApiError::NoLeader(format!(
@@ -102,7 +115,9 @@ impl Node {
                             .membership()
                             .get_node(&l)
                             .map(|n| n.admin_addr.clone())
-                            .ok_or_else(|| ApiError::NoLeader(format!("leader {l} is not in the membership")))?;
+                            .ok_or_else(|| {
+                                ApiError::NoLeader(format!("leader {l} is not in the membership"))
+                            })?;
                         drop(m);
                         return Ok(Route::Forward {
                             leader: l,
@@ -112,7 +127,10 @@ impl Node {
                     _ => {}
                 }
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return Err(ApiError::NoLeader(format!(
                     "no leader elected within {:?}",
                     self.request_timeout
@@ -131,10 +149,12 @@ impl Node {
                 after: self.request_timeout,
             }),
             Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(ApiError::NoLeader(format!(
-                "leadership moved to {:?} before the {what} was proposed",
-                f.leader_id
-            ))),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(ApiError::NoLeader(format!(
+                    "leadership moved to {:?} before the {what} was proposed",
+                    f.leader_id
+                )))
+            }
             Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
                 Err(ApiError::FailedPrecondition(e.to_string()))
             }
@@ -151,10 +171,12 @@ impl Node {
                 self.request_timeout
             ))),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(ApiError::NoLeader(format!(
-                "leadership moved to {:?} during the read",
-                f.leader_id
-            ))),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(ApiError::NoLeader(format!(
+                    "leadership moved to {:?} during the read",
+                    f.leader_id
+                )))
+            }
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
                 Err(ApiError::NoLeader(e.to_string()))
             }
@@ -202,11 +224,13 @@ pub enum StartError {
 }
 
 async fn bind_tcp(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-        what,
-        addr: addr.to_string(),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 fn local(what: &'static str, l: &TcpListener, addr: &str) -> Result<SocketAddr, StartError> {
@@ -223,31 +247,46 @@ impl RunningNode {
         config.validate()?;
         let raft_listener = bind_tcp("raft", &config.raft_addr).await?;
         let admin_listener = bind_tcp("admin", &config.admin_addr).await?;
-        let quic_socket = UdpSocket::bind(&config.quic_addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "quic",
-                addr: config.quic_addr.clone(),
-                source,
-            })?;
+        let quic_socket =
+            UdpSocket::bind(&config.quic_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "quic",
+                    addr: config.quic_addr.clone(),
+                    source,
+                })?;
         let addrs = BoundAddrs {
             raft: local("raft", &raft_listener, &config.raft_addr)?,
             admin: local("admin", &admin_listener, &config.admin_addr)?,
-            quic: quic_socket.local_addr().map_err(|source| StartError::Bind {
-                what: "quic",
-                addr: config.quic_addr.clone(),
-                source,
-            })?,
+            quic: quic_socket
+                .local_addr()
+                .map_err(|source| StartError::Bind {
+                    what: "quic",
+                    addr: config.quic_addr.clone(),
+                    source,
+                })?,
         };
         let addr = NodeAddr {
-            raft_addr: config.advertise_raft_addr.clone().unwrap_or(addrs.raft.to_string()),
-            admin_addr: config.advertise_admin_addr.clone().unwrap_or(addrs.admin.to_string()),
+            raft_addr: config
+                .advertise_raft_addr
+                .clone()
+                .unwrap_or(addrs.raft.to_string()),
+            admin_addr: config
+                .advertise_admin_addr
+                .clone()
+                .unwrap_or(addrs.admin.to_string()),
         };
 
         let (log_store, sm) = trellis_raft_store::open(&config.data_dir)?;
         let store = sm.store();
         let raft_config = Arc::new(config.openraft_config()?);
-        let network = PeerNetwork::new(config.peer_dial_overrides.clone().into_iter().collect::<BTreeMap<_, _>>());
+        let network = PeerNetwork::new(
+            config
+                .peer_dial_overrides
+                .clone()
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+        );
         let raft = Raft::new(config.id, raft_config, network, log_store, sm.clone())
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -268,13 +307,18 @@ impl RunningNode {
             let _ = rx.wait_for(|s| *s).await;
         };
 
-        let peer = trellis_proto::raft::raft_peer_server::RaftPeerServer::new(crate::peer::PeerService::new(raft))
-            .max_decoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES)
-            .max_encoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES);
+        let peer = trellis_proto::raft::raft_peer_server::RaftPeerServer::new(
+            crate::peer::PeerService::new(raft),
+        )
+        .max_decoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES);
         let peer_server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(peer)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(raft_listener), stop(shutdown_rx.clone()));
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(raft_listener),
+                stop(shutdown_rx.clone()),
+            );
 
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
@@ -285,7 +329,10 @@ impl RunningNode {
             .add_service(crate::api::kv_service(node.clone()))
             .add_service(crate::api::cluster_service(node.clone()))
             .add_service(reflection)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), stop(shutdown_rx));
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(admin_listener),
+                stop(shutdown_rx),
+            );
 
         let servers = vec![tokio::spawn(peer_server), tokio::spawn(admin_server)];
         tracing::info!(

@@ -29,14 +29,20 @@ fn bad_payload(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("undecodable raft payload: {e}"))
 }
 
-fn payload<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Response<RaftPayload>, Status> {
+fn payload<T: serde::Serialize>(
+    what: &'static str,
+    value: &T,
+) -> Result<Response<RaftPayload>, Status> {
     let data = encode(what, value).map_err(|e| Status::internal(e.to_string()))?;
     Ok(Response::new(RaftPayload { data }))
 }
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
-    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode("append entries", &req.into_inner().data).map_err(bad_payload)?;
         let result = self.raft.append_entries(rpc).await;
         payload("append entries result", &result)
@@ -48,16 +54,23 @@ impl RaftPeer for PeerService {
         payload("vote result", &result)
     }
 
-    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode("install snapshot", &req.into_inner().data).map_err(bad_payload)?;
         let result = self.raft.install_snapshot(rpc).await;
         payload("install snapshot result", &result)
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(from = req.get_ref().from_leader))]
-    async fn timeout_now(&self, req: Request<TimeoutNowRequest>) -> Result<Response<TimeoutNowResponse>, Status> {
+    async fn timeout_now(
+        &self,
+        req: Request<TimeoutNowRequest>,
+    ) -> Result<Response<TimeoutNowResponse>, Status> {
         let req = req.into_inner();
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(req.deadline_ms as u64).min(MAX_TAKEOVER);
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(req.deadline_ms as u64).min(MAX_TAKEOVER);
         let me = self.raft.metrics().borrow().id;
         loop {
             let (leader, term) = {

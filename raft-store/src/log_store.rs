@@ -60,7 +60,11 @@ impl LogStore {
         })
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8], what: &'static str) -> SResult<Option<T>> {
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> SResult<Option<T>> {
         match self.meta.get(key).map_err(read_err)? {
             None => Ok(None),
             Some(b) => Ok(Some(decode(what, &b).map_err(read_err)?)),
@@ -131,7 +135,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta
             .insert(META_VOTE, bytes)
             .map_err(|e| StorageIOError::write_vote(&e))?;
-        self.flush().await.map_err(|e| StorageIOError::write_vote(&e))?;
+        self.flush()
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
     }
 
@@ -148,7 +154,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> SResult<Option<LogId>> {
-        Ok(self.read_meta::<Option<LogId>>(META_COMMITTED, "committed")?.flatten())
+        Ok(self
+            .read_meta::<Option<LogId>>(META_COMMITTED, "committed")?
+            .flatten())
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -175,7 +183,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn truncate(&mut self, log_id: LogId) -> SResult<()> {
-        self.remove_range(index_key(log_id.index)..).map_err(write_err)?;
+        self.remove_range(index_key(log_id.index)..)
+            .map_err(write_err)?;
         self.flush().await.map_err(write_err)?;
         Ok(())
     }
@@ -185,9 +194,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record the purge point first: if we crash half way, the log state
         // still says what is gone.
         let bytes = encode("last purged", &log_id).map_err(write_err)?;
-        self.meta.insert(META_LAST_PURGED, bytes).map_err(write_err)?;
+        self.meta
+            .insert(META_LAST_PURGED, bytes)
+            .map_err(write_err)?;
         self.flush().await.map_err(write_err)?;
-        self.remove_range(..=index_key(log_id.index)).map_err(write_err)?;
+        self.remove_range(..=index_key(log_id.index))
+            .map_err(write_err)?;
         Ok(())
     }
 }

@@ -59,13 +59,18 @@ impl SnapshotDir {
         let tmp = self.dir.join(format!("{CURRENT}.tmp"));
         let dst = self.dir.join(CURRENT);
         {
-            let mut f = std::fs::File::create(&tmp).map_err(io(format!("create {}", tmp.display())))?;
-            f.write_all(&bytes).map_err(io(format!("write {}", tmp.display())))?;
-            f.sync_all().map_err(io(format!("fsync {}", tmp.display())))?;
+            let mut f =
+                std::fs::File::create(&tmp).map_err(io(format!("create {}", tmp.display())))?;
+            f.write_all(&bytes)
+                .map_err(io(format!("write {}", tmp.display())))?;
+            f.sync_all()
+                .map_err(io(format!("fsync {}", tmp.display())))?;
         }
         std::fs::rename(&tmp, &dst).map_err(io(format!("rename to {}", dst.display())))?;
-        let d = std::fs::File::open(&self.dir).map_err(io(format!("open {}", self.dir.display())))?;
-        d.sync_all().map_err(io(format!("fsync {}", self.dir.display())))?;
+        let d =
+            std::fs::File::open(&self.dir).map_err(io(format!("open {}", self.dir.display())))?;
+        d.sync_all()
+            .map_err(io(format!("fsync {}", self.dir.display())))?;
         Ok(())
     }
 

@@ -86,7 +86,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         .map_err(snap_write)?;
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match body.last_applied {
-            Some(id) => format!("{}-{}-{}-{seq}", id.leader_id.term, id.leader_id.node_id, id.index),
+            Some(id) => format!(
+                "{}-{}-{}-{seq}",
+                id.leader_id.term, id.leader_id.node_id, id.index
+            ),
             None => format!("0-0-0-{seq}"),
         };
         let meta = SnapshotMeta {
@@ -138,7 +141,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     #[tracing::instrument(level = "info", skip(self, snapshot), fields(snapshot = %meta.snapshot_id))]
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> SResult<()> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> SResult<()> {
         let data = snapshot.into_inner();
         let mut body: SnapshotBody = decode("snapshot", &data).map_err(snap_read)?;
         // The meta is authoritative for what the snapshot covers.
@@ -156,9 +163,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        Ok(self.snapshots.load().map_err(snap_read)?.map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
+        Ok(self
+            .snapshots
+            .load()
+            .map_err(snap_read)?
+            .map(|(meta, data)| Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            }))
     }
 }

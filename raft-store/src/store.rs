@@ -61,8 +61,13 @@ pub enum StoreError {
     #[error(transparent)]
     Codec(#[from] CodecError),
     /// History at or below `compact_revision` is gone.
-    #[error("revision {requested} was compacted (history starts after revision {compact_revision})")]
-    Compacted { requested: u64, compact_revision: u64 },
+    #[error(
+        "revision {requested} was compacted (history starts after revision {compact_revision})"
+    )]
+    Compacted {
+        requested: u64,
+        compact_revision: u64,
+    },
     #[error("corrupt store: {0}")]
     Corrupt(String),
 }
@@ -117,7 +122,12 @@ pub trait RevisionedStore: Send + Sync + 'static {
     ) -> Result<(Vec<KeyValue>, bool), StoreError>;
     /// Events of revisions after `after` whose keys start with `prefix`,
     /// at most `max_revisions` revisions examined.
-    fn events_since(&self, after: u64, prefix: &str, max_revisions: usize) -> Result<HistoryPage, StoreError>;
+    fn events_since(
+        &self,
+        after: u64,
+        prefix: &str,
+        max_revisions: usize,
+    ) -> Result<HistoryPage, StoreError>;
     /// Tells subscribers the revision whenever a new one is applied.
     fn subscribe(&self) -> watch::Receiver<u64>;
     /// A consistent copy of the state for a snapshot.
@@ -403,7 +413,10 @@ impl RevisionedStore for SledStore {
                     EntryPayload::Blank => Outcome::None,
                     EntryPayload::Membership(m) => {
                         let stored = StoredMembership::new(Some(entry.log_id), m.clone());
-                        meta.insert(META_MEMBERSHIP, encode("membership", &stored).map_err(abort)?)?;
+                        meta.insert(
+                            META_MEMBERSHIP,
+                            encode("membership", &stored).map_err(abort)?,
+                        )?;
                         Outcome::None
                     }
                     EntryPayload::Normal(cmd) => {
@@ -416,10 +429,16 @@ impl RevisionedStore for SledStore {
                         let outcome = tx.execute(cmd, &mut compact_revision)?;
                         if tx.changed {
                             revision = tx.revision;
-                            history.insert(&rev_key(revision), encode("history", &tx.events).map_err(abort)?)?;
+                            history.insert(
+                                &rev_key(revision),
+                                encode("history", &tx.events).map_err(abort)?,
+                            )?;
                             // Keep history bounded, deterministically on every node.
-                            if revision % HISTORY_COMPACT_STEP == 0 && revision > HISTORY_RETENTION {
-                                compact_revision = compact_revision.max(revision - HISTORY_RETENTION);
+                            if revision.is_multiple_of(HISTORY_COMPACT_STEP)
+                                && revision > HISTORY_RETENTION
+                            {
+                                compact_revision =
+                                    compact_revision.max(revision - HISTORY_RETENTION);
                             }
                         }
                         outcome
@@ -427,7 +446,10 @@ impl RevisionedStore for SledStore {
                 };
                 responses.push(CommandResponse { revision, outcome });
             }
-            meta.insert(META_LAST_APPLIED, encode("last applied", &last_applied).map_err(abort)?)?;
+            meta.insert(
+                META_LAST_APPLIED,
+                encode("last applied", &last_applied).map_err(abort)?,
+            )?;
             meta.insert(META_REVISION, &revision.to_be_bytes())?;
             meta.insert(META_COMPACT_REVISION, &compact_revision.to_be_bytes())?;
             Ok((responses, revision, compact_revision))
@@ -439,7 +461,8 @@ impl RevisionedStore for SledStore {
         };
         self.revision.store(revision, Ordering::Release);
         if compact_revision > start_compact {
-            self.compact_revision.store(compact_revision, Ordering::Release);
+            self.compact_revision
+                .store(compact_revision, Ordering::Release);
             self.trim_history(compact_revision)?;
         }
         drop(_guard);
@@ -478,7 +501,11 @@ impl RevisionedStore for SledStore {
     }
 
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        match self.kv.get(key.as_bytes()).map_err(|e| StoreError::sled("get", e))? {
+        match self
+            .kv
+            .get(key.as_bytes())
+            .map_err(|e| StoreError::sled("get", e))?
+        {
             None => Ok(None),
             Some(b) => Ok(Some(decode::<Record>("kv record", &b)?.into_kv(key))),
         }
@@ -511,7 +538,12 @@ impl RevisionedStore for SledStore {
         Ok((out, false))
     }
 
-    fn events_since(&self, after: u64, prefix: &str, max_revisions: usize) -> Result<HistoryPage, StoreError> {
+    fn events_since(
+        &self,
+        after: u64,
+        prefix: &str,
+        max_revisions: usize,
+    ) -> Result<HistoryPage, StoreError> {
         let compacted = |compact_revision: u64| StoreError::Compacted {
             requested: after + 1,
             compact_revision,
@@ -591,7 +623,10 @@ impl RevisionedStore for SledStore {
         }
         self.kv.apply_batch(batch).map_err(e("import kv"))?;
         let mut meta = sled::Batch::default();
-        meta.insert(META_LAST_APPLIED, encode("last applied", &body.last_applied)?);
+        meta.insert(
+            META_LAST_APPLIED,
+            encode("last applied", &body.last_applied)?,
+        );
         meta.insert(META_MEMBERSHIP, encode("membership", &body.membership)?);
         meta.insert(META_REVISION, &body.revision.to_be_bytes());
         // No history survives a snapshot install: watchers from before it
@@ -600,7 +635,8 @@ impl RevisionedStore for SledStore {
         self.meta.apply_batch(meta).map_err(e("import meta"))?;
         self.db.flush().map_err(e("flush after import"))?;
         self.revision.store(body.revision, Ordering::Release);
-        self.compact_revision.store(body.revision, Ordering::Release);
+        self.compact_revision
+            .store(body.revision, Ordering::Release);
         drop(guard);
         self.applied_tx.send_replace(body.revision);
         Ok(())
@@ -632,7 +668,10 @@ mod tests {
     impl Fixture {
         fn new() -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
-            let db = sled::Config::new().path(dir.path()).open().expect("open sled");
+            let db = sled::Config::new()
+                .path(dir.path())
+                .open()
+                .expect("open sled");
             Fixture {
                 store: SledStore::new(db).expect("store"),
                 _dir: dir,
@@ -722,7 +761,13 @@ mod tests {
             value: b"v3".to_vec(),
             expected_mod_revision: Some(0),
         });
-        assert!(matches!(r.outcome, Outcome::Conflict { current_mod_revision: 2, .. }));
+        assert!(matches!(
+            r.outcome,
+            Outcome::Conflict {
+                current_mod_revision: 2,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -767,7 +812,13 @@ mod tests {
             }],
             failure: vec![TxnOp::Get { key: "/y".into() }],
         });
-        assert!(matches!(r.outcome, Outcome::Txn { succeeded: false, .. }));
+        assert!(matches!(
+            r.outcome,
+            Outcome::Txn {
+                succeeded: false,
+                ..
+            }
+        ));
         assert_eq!(r.revision, 2, "read-only branch spends no revision");
         assert!(f.store.get("/z").expect("get").is_none());
     }
@@ -781,10 +832,18 @@ mod tests {
         assert_eq!(revs, vec![1, 3]);
         assert_eq!(page.scanned_to, 3);
         let r = f.apply1(Command::Compact { revision: 2 });
-        assert_eq!(r.outcome, Outcome::Compacted { compact_revision: 2 });
+        assert_eq!(
+            r.outcome,
+            Outcome::Compacted {
+                compact_revision: 2
+            }
+        );
         assert!(matches!(
             f.store.events_since(1, "", 100),
-            Err(StoreError::Compacted { compact_revision: 2, .. })
+            Err(StoreError::Compacted {
+                compact_revision: 2,
+                ..
+            })
         ));
         let page = f.store.events_since(2, "", 100).expect("after compaction");
         assert_eq!(page.revisions.len(), 1);
@@ -800,8 +859,14 @@ mod tests {
         let mut g = Fixture::new();
         g.store.import(body).expect("import");
         assert_eq!(g.store.revision(), 3);
-        assert_eq!(g.store.get("/a").expect("get"), f.store.get("/a").expect("get"));
-        assert!(matches!(g.store.events_since(0, "", 10), Err(StoreError::Compacted { .. })));
+        assert_eq!(
+            g.store.get("/a").expect("get"),
+            f.store.get("/a").expect("get")
+        );
+        assert!(matches!(
+            g.store.events_since(0, "", 10),
+            Err(StoreError::Compacted { .. })
+        ));
         // Applying continues from the imported revision.
         g.index = 3;
         assert_eq!(g.apply1(put("/c", "4")).revision, 4);

@@ -154,10 +154,16 @@ pub enum TxnOp {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TxnOpResult {
     /// `prev` is the value before the put.
-    Put { prev: Option<KeyValue> },
+    Put {
+        prev: Option<KeyValue>,
+    },
     /// `prev` is the deleted value, `None` if the key did not exist.
-    Delete { prev: Option<KeyValue> },
-    Get { kv: Option<KeyValue> },
+    Delete {
+        prev: Option<KeyValue>,
+    },
+    Get {
+        kv: Option<KeyValue>,
+    },
 }
 
 /// What applying a command did.

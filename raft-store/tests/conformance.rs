@@ -8,9 +8,12 @@ use trellis_raft_store::{LogStore, NodeId, StateMachine, TypeConfig};
 struct SledBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
         let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
-        let (log, sm) = trellis_raft_store::open(dir.path()).map_err(|e| openraft::StorageIOError::write(&e))?;
+        let (log, sm) = trellis_raft_store::open(dir.path())
+            .map_err(|e| openraft::StorageIOError::write(&e))?;
         Ok((dir, log, sm))
     }
 }

@@ -73,15 +73,24 @@ fn remote(s: Status) -> Status {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     #[tracing::instrument(level = "info", skip_all)]
-    async fn initialize(&self, _req: Request<pb::InitializeRequest>) -> Result<Response<pb::InitializeResponse>, Status> {
+    async fn initialize(
+        &self,
+        _req: Request<pb::InitializeRequest>,
+    ) -> Result<Response<pb::InitializeResponse>, Status> {
         let mut members = BTreeMap::new();
         members.insert(self.node.id, self.node.addr.clone());
         match self.node.raft.initialize(members).await {
             Ok(()) => {}
             Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
-                return Err(ApiError::FailedPrecondition(format!("node {} is already initialized: {e}", self.node.id)).into())
+                return Err(ApiError::FailedPrecondition(format!(
+                    "node {} is already initialized: {e}",
+                    self.node.id
+                ))
+                .into())
             }
-            Err(RaftError::APIError(e)) => return Err(ApiError::FailedPrecondition(e.to_string()).into()),
+            Err(RaftError::APIError(e)) => {
+                return Err(ApiError::FailedPrecondition(e.to_string()).into())
+            }
             Err(RaftError::Fatal(e)) => return Err(ApiError::internal("raft initialize", e).into()),
         }
         // Wait until this node leads its one-member cluster, so the next
@@ -94,7 +103,10 @@ impl Cluster for ClusterService {
         )
         .await;
         if !matches!(waited, Ok(Ok(_))) {
-            return Err(ApiError::NoLeader("initialized, but did not become leader in time".into()).into());
+            return Err(ApiError::NoLeader(
+                "initialized, but did not become leader in time".into(),
+            )
+            .into());
         }
         Ok(Response::new(pb::InitializeResponse {
             member: Some(pb::Member {
@@ -106,7 +118,10 @@ impl Cluster for ClusterService {
         }))
     }
 
-    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let committed = self
             .node
             .raft
@@ -122,7 +137,12 @@ impl Cluster for ClusterService {
             ServerState::Learner => "learner",
             ServerState::Shutdown => "shutdown",
         };
-        let initialized = m.membership_config.membership().voter_ids().next().is_some();
+        let initialized = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .next()
+            .is_some();
         Ok(Response::new(pb::StatusResponse {
             node_id: self.node.id,
             raft_addr: self.node.addr.raft_addr.clone(),
@@ -144,7 +164,10 @@ impl Cluster for ClusterService {
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(node = req.get_ref().node_id))]
-    async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<Response<pb::AddMemberResponse>, Status> {
+    async fn add_member(
+        &self,
+        req: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::AddMemberResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let r = req.into_inner();
         if r.node_id == 0 {
@@ -187,7 +210,9 @@ impl Cluster for ClusterService {
             let ids: BTreeSet<NodeId> = [r.node_id].into();
             tokio::time::timeout(
                 self.node.request_timeout,
-                self.node.raft.change_membership(ChangeMembers::AddVoterIds(ids), false),
+                self.node
+                    .raft
+                    .change_membership(ChangeMembers::AddVoterIds(ids), false),
             )
             .await
             .map_err(|_| ApiError::Timeout {
@@ -225,13 +250,16 @@ impl Cluster for ClusterService {
         } else {
             ChangeMembers::RemoveNodes(ids)
         };
-        tokio::time::timeout(self.node.request_timeout, self.node.raft.change_membership(change, false))
-            .await
-            .map_err(|_| ApiError::Timeout {
-                what: "membership change",
-                after: self.node.request_timeout,
-            })?
-            .map_err(Self::client_write_err)?;
+        tokio::time::timeout(
+            self.node.request_timeout,
+            self.node.raft.change_membership(change, false),
+        )
+        .await
+        .map_err(|_| ApiError::Timeout {
+            what: "membership change",
+            after: self.node.request_timeout,
+        })?
+        .map_err(Self::client_write_err)?;
         Ok(Response::new(pb::RemoveMemberResponse {
             members: self.members(),
         }))
@@ -250,11 +278,17 @@ impl Cluster for ClusterService {
             .find(|m| m.node_id == r.node_id)
             .ok_or(ApiError::MemberNotFound { id: r.node_id })?;
         if !target.voter {
-            return Err(ApiError::FailedPrecondition(format!("node {} is a learner and cannot lead", r.node_id)).into());
+            return Err(ApiError::FailedPrecondition(format!(
+                "node {} is a learner and cannot lead",
+                r.node_id
+            ))
+            .into());
         }
         if let Route::Forward { channel, leader } = self.node.route(forwarded).await? {
             if leader == r.node_id {
-                return Ok(Response::new(pb::TransferLeaderResponse { leader_id: leader }));
+                return Ok(Response::new(pb::TransferLeaderResponse {
+                    leader_id: leader,
+                }));
             }
             return ClusterClient::new(channel)
                 .transfer_leader(forward_request(r, self.node.request_timeout))
@@ -271,11 +305,16 @@ impl Cluster for ClusterService {
         self.node.raft.runtime_config().heartbeat(true);
         self.node.raft.runtime_config().elect(true);
         result?;
-        Ok(Response::new(pb::TransferLeaderResponse { leader_id: r.node_id }))
+        Ok(Response::new(pb::TransferLeaderResponse {
+            leader_id: r.node_id,
+        }))
     }
 
     #[tracing::instrument(level = "info", skip_all)]
-    async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
+    async fn snapshot(
+        &self,
+        _req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
         let raft = &self.node.raft;
         let applied = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
         raft.trigger()
@@ -284,7 +323,10 @@ impl Cluster for ClusterService {
             .map_err(|e| ApiError::internal("raft snapshot", e))?;
         let m = raft
             .wait(Some(SNAPSHOT_TIMEOUT))
-            .metrics(|m| m.snapshot.map_or(0, |s| s.index) >= applied, "snapshot built")
+            .metrics(
+                |m| m.snapshot.map_or(0, |s| s.index) >= applied,
+                "snapshot built",
+            )
             .await
             .map_err(|e| ApiError::internal("raft snapshot", e))?;
         let snapshot_index = m.snapshot.map_or(0, |s| s.index);
@@ -321,7 +363,11 @@ async fn transfer(node: &Node, target: NodeId, target_raft_addr: &str) -> Result
             "target caught up",
         )
         .await
-        .map_err(|_| ApiError::FailedPrecondition(format!("node {target} did not catch up with the log in time")))?;
+        .map_err(|_| {
+            ApiError::FailedPrecondition(format!(
+                "node {target} did not catch up with the log in time"
+            ))
+        })?;
     let term = raft.metrics().borrow().current_term;
     raft.runtime_config().heartbeat(false);
     raft.runtime_config().elect(false);
@@ -337,7 +383,9 @@ async fn transfer(node: &Node, target: NodeId, target_raft_addr: &str) -> Result
     let resp = RaftPeerClient::new(channel)
         .timeout_now(req)
         .await
-        .map_err(|s| ApiError::NoLeader(format!("node {target} did not take over: {}", s.message())))?
+        .map_err(|s| {
+            ApiError::NoLeader(format!("node {target} did not take over: {}", s.message()))
+        })?
         .into_inner();
     if !resp.became_leader {
         return Err(ApiError::NoLeader(format!(

@@ -2,7 +2,9 @@
 //! every error names the field path that is wrong.
 
 use trellis_proto::admin as pb;
-use trellis_raft_store::{Command, Compare, CompareOp, CompareTarget, KeyValue, TxnOp, TxnOpResult};
+use trellis_raft_store::{
+    Command, Compare, CompareOp, CompareTarget, KeyValue, TxnOp, TxnOpResult,
+};
 
 use crate::error::{ApiError, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 
@@ -63,7 +65,10 @@ pub fn delete_command(r: &pb::DeleteRequest) -> Result<Command, ApiError> {
 
 fn txn_op(field: &str, op: &pb::TxnOp) -> Result<TxnOp, ApiError> {
     match &op.op {
-        None => Err(ApiError::invalid(field, "no operation set (put, delete or get)")),
+        None => Err(ApiError::invalid(
+            field,
+            "no operation set (put, delete or get)",
+        )),
         Some(pb::txn_op::Op::Put(p)) => {
             check_key(&format!("{field}.put.key"), &p.key)?;
             check_value(&format!("{field}.put.value"), &p.value)?;
@@ -114,7 +119,10 @@ pub fn txn_command(r: &pb::TxnRequest) -> Result<Command, ApiError> {
         if r.compare.len() > MAX_TXN_COMPARES {
             return Err(ApiError::invalid(
                 "compare",
-                format!("{} compares; the limit is {MAX_TXN_COMPARES}", r.compare.len()),
+                format!(
+                    "{} compares; the limit is {MAX_TXN_COMPARES}",
+                    r.compare.len()
+                ),
             ));
         }
         let mut compare = Vec::with_capacity(r.compare.len());
@@ -126,14 +134,24 @@ pub fn txn_command(r: &pb::TxnRequest) -> Result<Command, ApiError> {
                 Ok(pb::compare::Target::CreateRevision) => CompareTarget::CreateRevision(c.number),
                 Ok(pb::compare::Target::Version) => CompareTarget::Version(c.number),
                 Ok(pb::compare::Target::Value) => CompareTarget::Value(c.value.clone()),
-                Err(_) => return Err(ApiError::invalid(format!("{field}.target"), format!("unknown target {}", c.target))),
+                Err(_) => {
+                    return Err(ApiError::invalid(
+                        format!("{field}.target"),
+                        format!("unknown target {}", c.target),
+                    ))
+                }
             };
             let op = match pb::compare::Op::try_from(c.op) {
                 Ok(pb::compare::Op::Equal) => CompareOp::Equal,
                 Ok(pb::compare::Op::NotEqual) => CompareOp::NotEqual,
                 Ok(pb::compare::Op::Greater) => CompareOp::Greater,
                 Ok(pb::compare::Op::Less) => CompareOp::Less,
-                Err(_) => return Err(ApiError::invalid(format!("{field}.op"), format!("unknown op {}", c.op))),
+                Err(_) => {
+                    return Err(ApiError::invalid(
+                        format!("{field}.op"),
+                        format!("unknown op {}", c.op),
+                    ))
+                }
             };
             compare.push(Compare {
                 key: c.key.clone(),
@@ -178,7 +196,9 @@ pub fn txn_result_to_pb(r: TxnOpResult, header: &pb::ResponseHeader) -> pb::TxnO
             kv: kv.map(kv_to_pb),
         }),
     };
-    pb::TxnOpResult { result: Some(result) }
+    pb::TxnOpResult {
+        result: Some(result),
+    }
 }
 
 #[cfg(test)]
@@ -193,13 +213,19 @@ mod tests {
             key: "k".repeat(MAX_KEY_BYTES + 1),
             ..Default::default()
         };
-        assert!(put_command(&big_key).unwrap_err().to_string().contains("limit is 1024"));
+        assert!(put_command(&big_key)
+            .unwrap_err()
+            .to_string()
+            .contains("limit is 1024"));
         let big_value = pb::PutRequest {
             key: "k".into(),
             value: vec![0; MAX_VALUE_BYTES + 1],
             ..Default::default()
         };
-        assert!(put_command(&big_value).unwrap_err().to_string().starts_with("invalid argument: value:"));
+        assert!(put_command(&big_value)
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid argument: value:"));
     }
 
     #[test]
@@ -229,6 +255,9 @@ mod tests {
             }],
             ..Default::default()
         };
-        assert!(txn_command(&req).unwrap_err().to_string().contains("compare[0].target"));
+        assert!(txn_command(&req)
+            .unwrap_err()
+            .to_string()
+            .contains("compare[0].target"));
     }
 }

@@ -16,7 +16,9 @@ use trellis_proto::admin::kv_client::KvClient;
 use trellis_proto::admin::kv_server::Kv;
 use trellis_raft_store::{Command, CommandResponse, Outcome};
 
-use super::convert::{check_key, delete_command, kv_to_pb, put_command, txn_command, txn_result_to_pb};
+use super::convert::{
+    check_key, delete_command, kv_to_pb, put_command, txn_command, txn_result_to_pb,
+};
 use super::{forward_request, is_forwarded};
 use crate::error::ApiError;
 use crate::node::{Node, Route, MAX_ADMIN_MESSAGE_BYTES};
@@ -140,13 +142,20 @@ impl Kv for KvService {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(prefix = %req.get_ref().prefix))]
-    async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let pb_req = req.into_inner();
         let limit = match pb_req.limit as usize {
             0 => DEFAULT_LIST_LIMIT,
             n if n > MAX_LIST_LIMIT => {
-                return Err(ApiError::invalid("limit", format!("{n} is over the maximum {MAX_LIST_LIMIT}")).into())
+                return Err(ApiError::invalid(
+                    "limit",
+                    format!("{n} is over the maximum {MAX_LIST_LIMIT}"),
+                )
+                .into())
             }
             n => n,
         };
@@ -161,7 +170,8 @@ impl Kv for KvService {
                 // at least that new, so list-then-watch from revision+1
                 // misses nothing.
                 let revision = self.node.store.revision();
-                let start_after = (!pb_req.page_token.is_empty()).then_some(pb_req.page_token.as_str());
+                let start_after =
+                    (!pb_req.page_token.is_empty()).then_some(pb_req.page_token.as_str());
                 let (kvs, mut more) = self
                     .node
                     .store
@@ -196,7 +206,10 @@ impl Kv for KvService {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(key = %req.get_ref().key))]
-    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let pb_req = req.into_inner();
         let cmd = delete_command(&pb_req)?;
@@ -214,7 +227,11 @@ impl Kv for KvService {
                 Ok(Response::new(pb::DeleteResponse {
                     header: Some(self.node.header(resp.revision)),
                     deleted: prev.is_some(),
-                    prev_kv: if pb_req.prev_kv { prev.map(kv_to_pb) } else { None },
+                    prev_kv: if pb_req.prev_kv {
+                        prev.map(kv_to_pb)
+                    } else {
+                        None
+                    },
                 }))
             }
         }
@@ -240,14 +257,20 @@ impl Kv for KvService {
                 Ok(Response::new(pb::TxnResponse {
                     header: Some(header),
                     succeeded,
-                    results: results.into_iter().map(|r| txn_result_to_pb(r, &header)).collect(),
+                    results: results
+                        .into_iter()
+                        .map(|r| txn_result_to_pb(r, &header))
+                        .collect(),
                 }))
             }
         }
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(revision = req.get_ref().revision))]
-    async fn compact(&self, req: Request<pb::CompactRequest>) -> Result<Response<pb::CompactResponse>, Status> {
+    async fn compact(
+        &self,
+        req: Request<pb::CompactRequest>,
+    ) -> Result<Response<pb::CompactResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let pb_req = req.into_inner();
         match self.node.route(forwarded).await? {
@@ -272,7 +295,10 @@ impl Kv for KvService {
     type WatchStream = WatchStream;
 
     #[tracing::instrument(level = "debug", skip_all, fields(prefix = %req.get_ref().prefix, start = req.get_ref().start_revision))]
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let req = req.into_inner();
         let stream = super::watch::spawn(self.node.clone(), req)?;
         Ok(Response::new(Box::pin(stream)))

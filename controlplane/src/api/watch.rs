@@ -41,7 +41,8 @@ pub fn spawn(
     req: pb::WatchRequest,
 ) -> Result<ReceiverStream<Result<pb::WatchResponse, Status>>, Status> {
     let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-    let progress = (req.progress_interval_ms > 0).then(|| Duration::from_millis(req.progress_interval_ms as u64));
+    let progress = (req.progress_interval_ms > 0)
+        .then(|| Duration::from_millis(req.progress_interval_ms as u64));
     tokio::spawn(async move {
         let prefix = req.prefix;
         if let Err(status) = run(&node, &prefix, req.start_revision, progress, &tx).await {
@@ -86,7 +87,9 @@ async fn run(
         while next <= current {
             let page = match store.events_since(next - 1, prefix, HISTORY_BATCH) {
                 Ok(page) => page,
-                Err(StoreError::Compacted { compact_revision, .. }) => {
+                Err(StoreError::Compacted {
+                    compact_revision, ..
+                }) => {
                     let resp = pb::WatchResponse {
                         header: Some(node.header(store.revision())),
                         compacted: true,
@@ -102,7 +105,11 @@ async fn run(
                 // History ended before `current`: it was replaced (snapshot
                 // install) under us. Treat as compaction on the next round.
                 if store.compact_revision() < next {
-                    return Err(ApiError::internal("watch history", format!("history has a gap after revision {}", next - 1)).into());
+                    return Err(ApiError::internal(
+                        "watch history",
+                        format!("history has a gap after revision {}", next - 1),
+                    )
+                    .into());
                 }
                 continue;
             }

@@ -13,7 +13,11 @@ use trellis_controlplane::config::NodeConfig;
 use trellis_controlplane::node::RunningNode;
 
 #[derive(Parser, Debug)]
-#[command(name = "trellisd", version, about = "Trellis control node (Raft member, admin API)")]
+#[command(
+    name = "trellisd",
+    version,
+    about = "Trellis control node (Raft member, admin API)"
+)]
 struct Args {
     /// TOML config file; flags override its values.
     #[arg(long, short = 'c')]
@@ -67,7 +71,9 @@ fn parse_override(s: &str) -> Result<(u64, String), String> {
     let (id, addr) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected ID=HOST:PORT"))?;
-    let id = id.parse::<u64>().map_err(|e| format!("{s:?}: bad node id: {e}"))?;
+    let id = id
+        .parse::<u64>()
+        .map_err(|e| format!("{s:?}: bad node id: {e}"))?;
     Ok((id, addr.to_string()))
 }
 
