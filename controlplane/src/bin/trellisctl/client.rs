@@ -1,0 +1,313 @@
+//! Connections to the trellisd admin endpoints, with failover.
+//!
+//! Channels are opened lazily (on first use of an endpoint, bounded by
+//! `Endpoint::connect_timeout` and the request deadline) and cached for the
+//! rest of the run. [`Client::unary`] tries the endpoints in order and moves
+//! on after a connect/transport error, `UNAVAILABLE` or `DEADLINE_EXCEEDED`;
+//! every other status is final. [`Client::call_at`] talks to one address
+//! (used to reach each member in turn).
+
+use std::collections::HashMap;
+use std::error::Error as _;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::error::{exit, exit_code, CliError};
+
+/// The URI for an endpoint given as `host:port` or `http://host:port`.
+pub fn endpoint_uri(addr: &str) -> String {
+    let addr = addr.trim();
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Why one attempt at one endpoint failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// Could not open a connection (refused, unresolvable, connect timeout).
+    Connect(String),
+    /// The call returned a gRPC status (possibly produced locally by tonic).
+    Status(Status),
+}
+
+impl Failure {
+    /// Whether trying another endpoint may help.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Failure::Connect(_) => true,
+            Failure::Status(s) => match s.code() {
+                Code::Unavailable | Code::DeadlineExceeded => true,
+                // tonic reports a broken connection this way.
+                Code::Unknown => s.message().starts_with("Service was not ready"),
+                _ => false,
+            },
+        }
+    }
+
+    /// The gRPC code, if the call got that far.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Failure::Connect(_) => None,
+            Failure::Status(s) => Some(s.code()),
+        }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Connect(_) => exit::UNAVAILABLE,
+            Failure::Status(_) if self.retryable() => exit::UNAVAILABLE,
+            Failure::Status(s) => exit_code(s.code()),
+        }
+    }
+
+    /// A one-line description: the gRPC message plus the causes tonic knows.
+    pub fn message(&self) -> String {
+        match self {
+            Failure::Connect(m) => m.clone(),
+            Failure::Status(s) => {
+                let mut msg = s.message().to_string();
+                append_sources(&mut msg, s.source());
+                if msg.is_empty() {
+                    msg = s.code().description().to_string();
+                }
+                msg
+            }
+        }
+    }
+
+    /// `<what>: <message> (endpoint <endpoint>)` with the right exit code.
+    pub fn into_error(self, what: &str, endpoint: &str) -> CliError {
+        CliError::new(
+            self.exit_code(),
+            format!("{what}: {} (endpoint {endpoint})", self.message()),
+        )
+    }
+}
+
+/// Appends the distinct messages of an error's cause chain.
+fn append_sources(msg: &mut String, mut source: Option<&(dyn std::error::Error + 'static)>) {
+    while let Some(err) = source {
+        let text = err.to_string();
+        if !text.is_empty() && !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+        source = err.source();
+    }
+}
+
+/// Formats a duration the way `--timeout` accepts it.
+pub fn fmt_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d.subsec_millis() * 1_000_000 == d.subsec_nanos() {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{d:?}")
+    }
+}
+
+/// A successful answer and the endpoint that gave it.
+pub struct Answer<T> {
+    pub value: T,
+    pub endpoint: String,
+}
+
+/// The admin endpoints of one run and their (lazily opened) channels.
+pub struct Client {
+    endpoints: Vec<String>,
+    timeout: Duration,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Client {
+    pub fn new(endpoints: Vec<String>, timeout: Duration) -> Self {
+        Self {
+            endpoints,
+            timeout,
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Calls `call` on the endpoints in order until one answers or fails
+    /// with a final status. `call` gets a channel and the request deadline
+    /// (to put on the request with [`with_deadline`]).
+    pub async fn unary<T, F, Fut>(&self, what: &str, mut call: F) -> Result<Answer<T>, CliError>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut last: Option<(Failure, &str)> = None;
+        for endpoint in &self.endpoints {
+            match self.call_at(endpoint, &mut call).await {
+                Ok(value) => {
+                    return Ok(Answer {
+                        value,
+                        endpoint: endpoint.clone(),
+                    })
+                }
+                Err(f) if f.retryable() => last = Some((f, endpoint)),
+                Err(f) => return Err(f.into_error(what, endpoint)),
+            }
+        }
+        Err(self.all_failed(what, last))
+    }
+
+    /// The error after every endpoint failed (`last` is the final failure).
+    pub fn all_failed(&self, what: &str, last: Option<(Failure, &str)>) -> CliError {
+        match last {
+            Some((failure, endpoint)) if self.endpoints.len() > 1 => failure.into_error(
+                &format!(
+                    "{what} (no endpoint answered, tried {})",
+                    self.endpoints.len()
+                ),
+                endpoint,
+            ),
+            Some((failure, endpoint)) => failure.into_error(what, endpoint),
+            None => CliError::new(exit::USAGE, format!("{what}: no endpoints given")),
+        }
+    }
+
+    /// One attempt at one address: connect (or reuse the channel), then run
+    /// `call` within the request deadline.
+    pub async fn call_at<T, F, Fut>(&self, endpoint: &str, mut call: F) -> Result<T, Failure>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let channel = self.channel(endpoint).await?;
+        match tokio::time::timeout(self.timeout, call(channel, self.timeout)).await {
+            Err(_) => Err(Failure::Status(self.deadline_status())),
+            Ok(Err(status)) => Err(Failure::Status(self.normalize(status))),
+            Ok(Ok(response)) => Ok(response.into_inner()),
+        }
+    }
+
+    fn deadline_status(&self) -> Status {
+        Status::deadline_exceeded(format!(
+            "no answer within {} (see --timeout)",
+            fmt_duration(self.timeout)
+        ))
+    }
+
+    /// tonic reports an expired `grpc-timeout` as CANCELLED "Timeout
+    /// expired"; it is a deadline.
+    fn normalize(&self, status: Status) -> Status {
+        if status.code() == Code::Cancelled && status.message() == "Timeout expired" {
+            self.deadline_status()
+        } else {
+            status
+        }
+    }
+
+    async fn channel(&self, endpoint: &str) -> Result<Channel, Failure> {
+        let uri = endpoint_uri(endpoint);
+        if let Some(channel) = self.lock().get(&uri) {
+            return Ok(channel.clone());
+        }
+        let ep = Endpoint::from_shared(uri.clone())
+            .map_err(|e| Failure::Connect(format!("invalid endpoint address: {e}")))?
+            .connect_timeout(self.timeout)
+            .tcp_nodelay(true);
+        let channel = match tokio::time::timeout(self.timeout, ep.connect()).await {
+            Err(_) => {
+                return Err(Failure::Connect(format!(
+                    "cannot connect within {}",
+                    fmt_duration(self.timeout)
+                )))
+            }
+            Ok(Err(e)) => {
+                let mut msg = String::from("cannot connect");
+                append_sources(&mut msg, e.source());
+                return Err(Failure::Connect(msg));
+            }
+            Ok(Ok(channel)) => channel,
+        };
+        self.lock().insert(uri, channel.clone());
+        Ok(channel)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        self.channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Wraps a message in a request that carries the deadline (`grpc-timeout`).
+pub fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_failures() {
+        assert!(Failure::Connect("refused".into()).retryable());
+        assert!(Failure::Status(Status::unavailable("no leader")).retryable());
+        assert!(Failure::Status(Status::deadline_exceeded("late")).retryable());
+        assert!(
+            Failure::Status(Status::unknown("Service was not ready: transport error")).retryable()
+        );
+        assert!(!Failure::Status(Status::unknown("boom")).retryable());
+        assert!(!Failure::Status(Status::not_found("no key")).retryable());
+        assert!(!Failure::Status(Status::failed_precondition("rev 7")).retryable());
+        assert!(!Failure::Status(Status::internal("bug")).retryable());
+    }
+
+    #[test]
+    fn failure_exit_codes() {
+        assert_eq!(Failure::Connect("x".into()).exit_code(), 5);
+        assert_eq!(Failure::Status(Status::not_found("x")).exit_code(), 3);
+        assert_eq!(Failure::Status(Status::aborted("x")).exit_code(), 4);
+        assert_eq!(
+            Failure::Status(Status::invalid_argument("x")).exit_code(),
+            2
+        );
+        assert_eq!(
+            Failure::Status(Status::unknown("Service was not ready: x")).exit_code(),
+            5
+        );
+    }
+
+    #[test]
+    fn error_line_format() {
+        let e = Failure::Status(Status::not_found("key not found")).into_error("get \"a\"", "h:1");
+        assert_eq!(e.code, 3);
+        assert_eq!(
+            e.message.as_deref(),
+            Some("get \"a\": key not found (endpoint h:1)")
+        );
+        let empty = Failure::Status(Status::new(Code::Unavailable, "")).message();
+        assert!(!empty.is_empty());
+    }
+
+    #[test]
+    fn uris_and_durations() {
+        assert_eq!(endpoint_uri("a:1"), "http://a:1");
+        assert_eq!(endpoint_uri("http://a:1"), "http://a:1");
+        assert_eq!(fmt_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(fmt_duration(Duration::from_millis(500)), "500ms");
+    }
+}
