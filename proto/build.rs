@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/trellis/admin/v1/admin.proto", "proto/trellis/raft/v1/raft.proto"];
+    let files = [
+        "proto/trellis/admin/v1/admin.proto",
+        "proto/trellis/raft/v1/raft.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
