@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
 use trellis_proto::admin::ResponseHeader;
 use trellis_raft_store::{
@@ -53,6 +54,22 @@ pub struct Node {
     pub config: NodeConfig,
     pub request_timeout: Duration,
     admin_channels: Mutex<HashMap<String, Channel>>,
+    barrier: ReadBarrier,
+}
+
+/// Coalesces concurrent linearizable reads onto shared read-index rounds.
+///
+/// A read may use any round that *started* after the read arrived (its
+/// read index then covers every write acknowledged before the read). One
+/// round runs at a time; reads that arrive during it share the next one.
+#[derive(Default)]
+struct ReadBarrier {
+    /// Rounds started so far (a round's number is its start order).
+    started: AtomicU64,
+    /// Highest round number that completed successfully.
+    completed: AtomicU64,
+    /// Held for the duration of a round.
+    round: tokio::sync::Mutex<()>,
 }
 
 impl Node {
@@ -164,13 +181,34 @@ impl Node {
 
     /// Confirm leadership with a quorum (read index) and wait until this
     /// node has applied up to it: a read after this is linearizable.
+    /// Concurrent callers share rounds (see [`ReadBarrier`]).
     pub async fn read_barrier(&self) -> Result<(), ApiError> {
-        match tokio::time::timeout(self.request_timeout, self.raft.ensure_linearizable()).await {
+        let b = &self.barrier;
+        let arrival = b.started.load(Ordering::SeqCst);
+        let _round = b.round.lock().await;
+        if b.completed.load(Ordering::SeqCst) > arrival {
+            return Ok(());
+        }
+        let number = b.started.fetch_add(1, Ordering::SeqCst) + 1;
+        self.read_index_round().await?;
+        b.completed.store(number, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// One read-index round: ask openraft for the read log id (leadership
+    /// confirmed by a quorum) and wait for the state machine to apply it.
+    /// (openraft's `ensure_linearizable` waits on metrics, which are
+    /// published lazily and cost a heartbeat interval per read.)
+    async fn read_index_round(&self) -> Result<(), ApiError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let mut applied = self.sm.subscribe_applied();
+        let read_log_id = match tokio::time::timeout_at(deadline, self.raft.get_read_log_id()).await
+        {
             Err(_) => Err(ApiError::NoLeader(format!(
                 "leadership not confirmed by a quorum within {:?}",
                 self.request_timeout
             ))),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok((read_log_id, _))) => Ok(read_log_id),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
                 Err(ApiError::NoLeader(format!(
                     "leadership moved to {:?} during the read",
@@ -181,6 +219,18 @@ impl Node {
                 Err(ApiError::NoLeader(e.to_string()))
             }
             Ok(Err(RaftError::Fatal(e))) => Err(ApiError::internal("raft", e)),
+        }?;
+        let want = read_log_id.map_or(0, |l| l.index);
+        let waited = tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= want))
+            .await
+            .map(|r| r.map(|_| ()));
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(ApiError::internal("read barrier", "state machine stopped")),
+            Err(_) => Err(ApiError::NoLeader(format!(
+                "this node did not apply up to the read index {want} within {:?}",
+                self.request_timeout
+            ))),
         }
     }
 }
@@ -221,6 +271,14 @@ pub enum StartError {
     Raft(String),
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
+}
+
+/// Accepted connections with `TCP_NODELAY` (small gRPC messages must not
+/// wait for delayed ACKs: that costs ~40 ms a round trip) and keepalive.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)))
 }
 
 async fn bind_tcp(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
@@ -300,6 +358,7 @@ impl RunningNode {
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             config,
             admin_channels: Mutex::default(),
+            barrier: ReadBarrier::default(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -313,26 +372,18 @@ impl RunningNode {
         .max_decoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES);
         let peer_server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(peer)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(raft_listener),
-                stop(shutdown_rx.clone()),
-            );
+            .serve_with_incoming_shutdown(incoming(raft_listener), stop(shutdown_rx.clone()));
 
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
         let admin_server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(crate::api::kv_service(node.clone()))
             .add_service(crate::api::cluster_service(node.clone()))
             .add_service(reflection)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(admin_listener),
-                stop(shutdown_rx),
-            );
+            .serve_with_incoming_shutdown(incoming(admin_listener), stop(shutdown_rx));
 
         let servers = vec![tokio::spawn(peer_server), tokio::spawn(admin_server)];
         tracing::info!(

@@ -68,6 +68,7 @@ pub fn open(data_dir: &std::path::Path) -> Result<(LogStore, StateMachine), Stor
     let db = sled::Config::new()
         .path(data_dir.join("db"))
         .cache_capacity(store::SLED_CACHE_BYTES)
+        .mode(sled::Mode::HighThroughput)
         .open()
         .map_err(|e| StoreError::Sled {
             what: format!("open database in {}", data_dir.display()),

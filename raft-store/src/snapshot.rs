@@ -24,6 +24,7 @@ const CURRENT: &str = "current.snap";
 #[derive(Serialize, Deserialize)]
 struct SnapshotFile {
     meta: SnapshotMeta,
+    #[serde(with = "serde_bytes")]
     data: Vec<u8>,
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{RaftSnapshotBuilder, StorageError, StorageIOError};
+use tokio::sync::watch;
 
 use crate::codec::{decode, encode};
 use crate::snapshot::{SnapshotDir, SnapshotMeta};
@@ -46,16 +47,26 @@ pub struct StateMachine {
     snapshots: SnapshotDir,
     /// Distinguishes snapshots built at the same log id.
     snapshot_seq: Arc<AtomicU64>,
+    /// Index of the last applied entry (blank and membership entries
+    /// included, unlike the store's revision): read barriers wait on it.
+    applied_tx: Arc<watch::Sender<u64>>,
 }
 
 impl StateMachine {
     /// A state machine over `store`, keeping snapshots in `snapshot_dir`.
     pub fn new(store: Arc<dyn RevisionedStore>, snapshot_dir: PathBuf) -> Result<Self, StoreError> {
+        let applied = store.applied_state()?.0.map_or(0, |l| l.index);
         Ok(StateMachine {
             store,
             snapshots: SnapshotDir::new(snapshot_dir)?,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
+            applied_tx: Arc::new(watch::channel(applied).0),
         })
+    }
+
+    /// Follows the index of the last applied log entry.
+    pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
+        self.applied_tx.subscribe()
     }
 
     /// The store, for readers (admin API, watches).
@@ -126,10 +137,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        if entries.is_empty() {
+        let Some(last) = entries.last().map(|e| e.log_id.index) else {
             return Ok(Vec::new());
-        }
-        self.store.apply_entries(&entries).map_err(sm_write)
+        };
+        let responses = self.store.apply_entries(&entries).map_err(sm_write)?;
+        self.applied_tx.send_replace(last);
+        Ok(responses)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -158,6 +171,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| sm_write(std::io::Error::other(e.to_string())))?
             .map_err(sm_write)?;
         self.snapshots.save(meta, &data).map_err(snap_write)?;
+        self.applied_tx
+            .send_replace(meta.last_log_id.map_or(0, |l| l.index));
         tracing::info!(revision, "installed snapshot");
         Ok(())
     }

@@ -146,6 +146,7 @@ struct Record {
     create_revision: u64,
     mod_revision: u64,
     version: u64,
+    #[serde(with = "serde_bytes")]
     value: Vec<u8>,
 }
 

@@ -27,6 +27,7 @@ impl fmt::Display for NodeAddr {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
     pub key: String,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Revision that created the key (since its last delete).
     pub create_revision: u64,
@@ -44,6 +45,7 @@ pub enum Command {
     /// mod revision equals it (0 = only if absent).
     Put {
         key: String,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         expected_mod_revision: Option<u64>,
     },
@@ -101,7 +103,7 @@ pub enum CompareTarget {
     ModRevision(u64),
     CreateRevision(u64),
     Version(u64),
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// How a compare compares.
@@ -145,9 +147,17 @@ impl Compare {
 /// An operation inside a transaction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TxnOp {
-    Put { key: String, value: Vec<u8> },
-    Delete { key: String },
-    Get { key: String },
+    Put {
+        key: String,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    Delete {
+        key: String,
+    },
+    Get {
+        key: String,
+    },
 }
 
 /// The result of one transaction operation.

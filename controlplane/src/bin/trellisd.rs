@@ -127,7 +127,7 @@ async fn wait_for_signal() {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
     let config = match build_config(args) {
