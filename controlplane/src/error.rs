@@ -16,7 +16,7 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// Largest value accepted (bytes).
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     /// The request is malformed; `field` is the protobuf field path.
     #[error("invalid argument: {field}: {reason}")]

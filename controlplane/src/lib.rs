@@ -7,7 +7,8 @@
 //!
 //! - the admin API ([`api`]: `KV` and `Cluster`), on `admin_addr`, from
 //!   operators, `trellisctl`, tests — writes and linearizable reads are
-//!   routed to the leader by [`node::Node::route`];
+//!   routed to the leader by [`node::Node::route`]; on the leader, writes
+//!   are batched into Raft entries by [`proposer`];
 //! - Raft peer RPC ([`peer`] serves, [`network`] dials), on `raft_addr`,
 //!   from the other control nodes.
 //!
@@ -21,3 +22,4 @@ pub mod error;
 pub mod network;
 pub mod node;
 pub mod peer;
+pub mod proposer;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::ServerState;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
@@ -28,6 +28,7 @@ use trellis_raft_store::{
 use crate::config::NodeConfig;
 use crate::error::ApiError;
 use crate::network::{lazy_channel, PeerNetwork};
+use crate::proposer::Proposer;
 
 /// Connect timeout when forwarding to the leader's admin API.
 const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -55,6 +56,7 @@ pub struct Node {
     pub request_timeout: Duration,
     admin_channels: Mutex<HashMap<String, Channel>>,
     barrier: ReadBarrier,
+    proposer: Proposer,
 }
 
 /// Coalesces concurrent linearizable reads onto shared read-index rounds.
@@ -157,26 +159,10 @@ impl Node {
     }
 
     /// Propose `cmd` on this node (which [`Node::route`] found to be the
-    /// leader) and wait until it is applied.
+    /// leader), batched with concurrent writes, and wait until it is
+    /// applied.
     pub async fn write(&self, cmd: Command) -> Result<CommandResponse, ApiError> {
-        let what = cmd.kind();
-        match tokio::time::timeout(self.request_timeout, self.raft.client_write(cmd)).await {
-            Err(_) => Err(ApiError::Timeout {
-                what,
-                after: self.request_timeout,
-            }),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(ApiError::NoLeader(format!(
-                    "leadership moved to {:?} before the {what} was proposed",
-                    f.leader_id
-                )))
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(ApiError::FailedPrecondition(e.to_string()))
-            }
-            Ok(Err(RaftError::Fatal(e))) => Err(ApiError::internal("raft", e)),
-        }
+        self.proposer.propose(cmd).await
     }
 
     /// Confirm leadership with a quorum (read index) and wait until this
@@ -349,16 +335,18 @@ impl RunningNode {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
+        let request_timeout = Duration::from_millis(config.request_timeout_ms);
         let node = Arc::new(Node {
             id: config.id,
             raft: raft.clone(),
             store,
             sm,
             addr,
-            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            request_timeout,
             config,
             admin_channels: Mutex::default(),
             barrier: ReadBarrier::default(),
+            proposer: Proposer::start(raft.clone(), request_timeout),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -6,9 +6,7 @@
 //! |---|---|---|
 //! | `raft_log` | Raft entries, key = index (big-endian u64) | [`LogStore::append`](openraft::storage::RaftLogStorage::append) |
 //! | `raft_meta` | vote, committed log id, last purged log id | [`LogStore`] |
-//! | `kv` | current value of every key, with its revisions | [`SledStore::apply_entries`] |
-//! | `history` | the change feed: one record of events per revision | [`SledStore::apply_entries`] |
-//! | `sm_meta` | last applied log id, membership, revision, compact revision | [`SledStore::apply_entries`] |
+//! | `state` | `d`+key: current value of every key with its revisions; `h`+revision: the change feed, one record of events per revision; `m`: last applied log id, revision, compact revision; `n`: membership | [`SledStore::apply_entries`], one atomic batch per apply |
 //!
 //! Snapshots live beside the database as files (see [`snapshot`]).
 //!
@@ -38,8 +36,8 @@ pub use types::*;
 openraft::declare_raft_types!(
     /// openraft type configuration of a Trellis control node.
     pub TypeConfig:
-        D = Command,
-        R = CommandResponse,
+        D = Proposal,
+        R = ProposalResponse,
         NodeId = NodeId,
         Node = NodeAddr,
         Entry = openraft::Entry<TypeConfig>,

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::codec::{decode, encode};
 use crate::snapshot::{SnapshotDir, SnapshotMeta};
 use crate::store::{RevisionedStore, SnapshotBody, StoreError};
-use crate::{CommandResponse, Entry, LogId, NodeId, StoredMembership, TypeConfig};
+use crate::{Entry, LogId, NodeId, ProposalResponse, StoredMembership, TypeConfig};
 
 type SResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -131,7 +131,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<CommandResponse>>
+    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<ProposalResponse>>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,

@@ -5,19 +5,18 @@
 //! - One global `revision`. An applied entry that changes at least one key
 //!   bumps it by exactly one; all its changes share that revision.
 //! - Every key carries `create_revision`, `mod_revision` and `version`.
-//! - Each revision's events go to the `history` tree in the same sled
-//!   transaction as the data and `last_applied`, so a crash never separates
+//! - Each revision's events go to the history in the same atomic sled
+//!   batch as the data and `last_applied`, so a crash never separates
 //!   them. History is kept for [`HISTORY_RETENTION`] revisions (and can be
 //!   compacted sooner by a `Compact` command); a reader asking for older
 //!   revisions gets [`StoreError::Compacted`].
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use openraft::EntryPayload;
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
 use tokio::sync::watch;
 
 use crate::codec::{decode, encode, CodecError};
@@ -36,11 +35,6 @@ pub const HISTORY_COMPACT_STEP: u64 = 1_000;
 /// sled page cache. The working set of a mesh's config is small; 256 MiB
 /// keeps reads in memory without letting sled take the machine.
 pub const SLED_CACHE_BYTES: u64 = 256 * 1024 * 1024;
-
-const META_LAST_APPLIED: &[u8] = b"last_applied";
-const META_MEMBERSHIP: &[u8] = b"membership";
-const META_REVISION: &[u8] = b"revision";
-const META_COMPACT_REVISION: &[u8] = b"compact_revision";
 
 /// Errors of the store. None of them is safe to retry blindly except
 /// [`StoreError::Compacted`], which asks the reader to start over.
@@ -104,7 +98,7 @@ pub struct SnapshotBody {
 /// readers a consistent view.
 pub trait RevisionedStore: Send + Sync + 'static {
     /// Apply committed entries in order; one response per entry.
-    fn apply_entries(&self, entries: &[Entry]) -> Result<Vec<CommandResponse>, StoreError>;
+    fn apply_entries(&self, entries: &[Entry]) -> Result<Vec<ProposalResponse>, StoreError>;
     /// The last applied log id and membership.
     fn applied_state(&self) -> Result<(Option<LogId>, StoredMembership), StoreError>;
     /// Current revision (of the applied state).
@@ -140,8 +134,8 @@ pub trait RevisionedStore: Send + Sync + 'static {
     fn size_on_disk(&self) -> u64;
 }
 
-/// Value of a key as stored (the key is the sled key).
-#[derive(Debug, Serialize, Deserialize)]
+/// Value of a key as stored (the key is in the sled key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
     create_revision: u64,
     mod_revision: u64,
@@ -162,21 +156,33 @@ impl Record {
     }
 }
 
-/// [`RevisionedStore`] on sled trees `kv`, `history` and `sm_meta`.
-pub struct SledStore {
-    db: sled::Db,
-    kv: sled::Tree,
-    history: sled::Tree,
-    meta: sled::Tree,
-    revision: AtomicU64,
-    compact_revision: AtomicU64,
-    /// Serialises apply, export and import so an export sees one state.
-    write_lock: Mutex<()>,
-    applied_tx: watch::Sender<u64>,
+/// Counters written with every apply batch.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SmMeta {
+    last_applied: Option<LogId>,
+    revision: u64,
+    compact_revision: u64,
 }
 
-fn rev_key(rev: u64) -> [u8; 8] {
-    rev.to_be_bytes()
+// Key layout of the `state` tree. One tree, so that one `apply_batch`
+// (sled's atomic batch: cheaper than a multi-tree transaction) covers data,
+// history and counters.
+const DATA: u8 = b'd';
+const HISTORY: u8 = b'h';
+const META_KEY: &[u8] = b"m";
+const MEMBERSHIP_KEY: &[u8] = b"n";
+
+fn data_key(key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(DATA);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn history_key(rev: u64) -> [u8; 9] {
+    let mut k = [HISTORY; 9];
+    k[1..].copy_from_slice(&rev.to_be_bytes());
+    k
 }
 
 fn u64_from(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
@@ -186,32 +192,60 @@ fn u64_from(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(arr))
 }
 
-/// Pending changes of one apply batch, inside the sled transaction.
-struct TxState<'a> {
-    kv: &'a TransactionalTree,
+fn key_of(data_key: &[u8]) -> Result<&str, StoreError> {
+    std::str::from_utf8(&data_key[1..])
+        .map_err(|_| StoreError::Corrupt("a stored key is not UTF-8".to_string()))
+}
+
+/// [`RevisionedStore`] on one sled tree, `state`.
+pub struct SledStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    revision: AtomicU64,
+    compact_revision: AtomicU64,
+    /// Serialises apply, export and import so an export sees one state.
+    write_lock: Mutex<()>,
+    applied_tx: watch::Sender<u64>,
+}
+
+/// Pending changes of one apply call: reads see earlier writes of the
+/// same call through `overlay`; everything lands in `batch` at once.
+struct Pending<'a> {
+    tree: &'a sled::Tree,
+    overlay: HashMap<String, Option<Record>>,
+    batch: sled::Batch,
+}
+
+impl Pending<'_> {
+    fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        if let Some(pending) = self.overlay.get(key) {
+            return Ok(pending.clone().map(|r| r.into_kv(key)));
+        }
+        match self
+            .tree
+            .get(data_key(key))
+            .map_err(|e| StoreError::sled("read during apply", e))?
+        {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(decode::<Record>("kv record", &bytes)?.into_kv(key))),
+        }
+    }
+}
+
+/// One command's changes, at most one new revision.
+struct CommandTx<'a, 'b> {
+    pending: &'a mut Pending<'b>,
     revision: u64,
     changed: bool,
     events: Vec<Event>,
 }
 
-type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
-
-fn abort<E: Into<StoreError>>(e: E) -> ConflictableTransactionError<StoreError> {
-    ConflictableTransactionError::Abort(e.into())
-}
-
-impl TxState<'_> {
-    fn get(&self, key: &str) -> TxResult<Option<KeyValue>> {
-        match self.kv.get(key.as_bytes())? {
-            None => Ok(None),
-            Some(bytes) => {
-                let rec: Record = decode("kv record", &bytes).map_err(abort)?;
-                Ok(Some(rec.into_kv(key)))
-            }
-        }
+impl CommandTx<'_, '_> {
+    fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.pending.get(key)
     }
 
-    /// The revision changes of this entry are written at (bumped once).
+    /// The revision changes of this command are written at (bumped once).
     fn next_revision(&mut self) -> u64 {
         if !self.changed {
             self.changed = true;
@@ -220,7 +254,7 @@ impl TxState<'_> {
         self.revision
     }
 
-    fn put(&mut self, key: &str, value: &[u8]) -> TxResult<Option<KeyValue>> {
+    fn put(&mut self, key: &str, value: &[u8]) -> Result<Option<KeyValue>, StoreError> {
         let prev = self.get(key)?;
         let rev = self.next_revision();
         let rec = Record {
@@ -229,20 +263,23 @@ impl TxState<'_> {
             version: prev.as_ref().map_or(1, |p| p.version + 1),
             value: value.to_vec(),
         };
-        self.kv
-            .insert(key.as_bytes(), encode("kv record", &rec).map_err(abort)?)?;
+        self.pending
+            .batch
+            .insert(data_key(key), encode("kv record", &rec)?);
         self.events.push(Event {
             kind: EventKind::Put,
-            kv: rec.into_kv(key),
+            kv: rec.clone().into_kv(key),
         });
+        self.pending.overlay.insert(key.to_string(), Some(rec));
         Ok(prev)
     }
 
-    fn delete(&mut self, key: &str) -> TxResult<Option<KeyValue>> {
+    fn delete(&mut self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let prev = self.get(key)?;
         if prev.is_some() {
             let rev = self.next_revision();
-            self.kv.remove(key.as_bytes())?;
+            self.pending.batch.remove(data_key(key));
+            self.pending.overlay.insert(key.to_string(), None);
             self.events.push(Event {
                 kind: EventKind::Delete,
                 kv: KeyValue {
@@ -255,7 +292,7 @@ impl TxState<'_> {
         Ok(prev)
     }
 
-    fn run_op(&mut self, op: &TxnOp) -> TxResult<TxnOpResult> {
+    fn run_op(&mut self, op: &TxnOp) -> Result<TxnOpResult, StoreError> {
         Ok(match op {
             TxnOp::Put { key, value } => TxnOpResult::Put {
                 prev: self.put(key, value)?,
@@ -267,7 +304,11 @@ impl TxState<'_> {
         })
     }
 
-    fn check_expected(&self, key: &str, expected: Option<u64>) -> TxResult<Result<(), Outcome>> {
+    fn check_expected(
+        &self,
+        key: &str,
+        expected: Option<u64>,
+    ) -> Result<Result<(), Outcome>, StoreError> {
         let Some(expected) = expected else {
             return Ok(Ok(()));
         };
@@ -282,7 +323,11 @@ impl TxState<'_> {
         }
     }
 
-    fn execute(&mut self, cmd: &Command, compact_revision: &mut u64) -> TxResult<Outcome> {
+    fn execute(
+        &mut self,
+        cmd: &Command,
+        compact_revision: &mut u64,
+    ) -> Result<Outcome, StoreError> {
         match cmd {
             Command::Put {
                 key,
@@ -345,28 +390,24 @@ impl TxState<'_> {
 }
 
 impl SledStore {
-    /// Open the state-machine trees of `db`.
+    /// Open the state-machine tree of `db`.
     pub fn new(db: sled::Db) -> Result<Self, StoreError> {
-        let open = |name: &str| db.open_tree(name).map_err(|e| StoreError::sled(name, e));
-        let kv = open("kv")?;
-        let history = open("history")?;
-        let meta = open("sm_meta")?;
-        let read_u64 = |key: &[u8], what: &str| -> Result<u64, StoreError> {
-            match meta.get(key).map_err(|e| StoreError::sled(what, e))? {
-                Some(b) => u64_from(&b, what),
-                None => Ok(0),
-            }
+        let tree = db
+            .open_tree("state")
+            .map_err(|e| StoreError::sled("open tree state", e))?;
+        let meta: SmMeta = match tree
+            .get(META_KEY)
+            .map_err(|e| StoreError::sled("read meta", e))?
+        {
+            Some(b) => decode("state machine meta", &b)?,
+            None => SmMeta::default(),
         };
-        let revision = read_u64(META_REVISION, "revision")?;
-        let compact_revision = read_u64(META_COMPACT_REVISION, "compact revision")?;
-        let (applied_tx, _) = watch::channel(revision);
+        let (applied_tx, _) = watch::channel(meta.revision);
         Ok(SledStore {
             db,
-            kv,
-            history,
-            meta,
-            revision: AtomicU64::new(revision),
-            compact_revision: AtomicU64::new(compact_revision),
+            tree,
+            revision: AtomicU64::new(meta.revision),
+            compact_revision: AtomicU64::new(meta.compact_revision),
             write_lock: Mutex::new(()),
             applied_tx,
         })
@@ -374,22 +415,33 @@ impl SledStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         // A panic while holding the lock cannot leave sled half-written
-        // (transactions are atomic), so a poisoned lock is still usable.
+        // (batches are atomic), so a poisoned lock is still usable.
         self.write_lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remove history at or below `upto` (outside the apply transaction:
-    /// the compact revision is already durable, readers check it).
+    fn meta(&self) -> Result<SmMeta, StoreError> {
+        match self
+            .tree
+            .get(META_KEY)
+            .map_err(|e| StoreError::sled("read meta", e))?
+        {
+            Some(b) => Ok(decode("state machine meta", &b)?),
+            None => Ok(SmMeta::default()),
+        }
+    }
+
+    /// Remove history at or below `upto` (after the batch that raised the
+    /// compact revision: readers check that revision, not the records).
     fn trim_history(&self, upto: u64) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         let mut n = 0usize;
-        for item in self.history.range(..=rev_key(upto)) {
+        for item in self.tree.range(history_key(0)..=history_key(upto)) {
             let (k, _) = item.map_err(|e| StoreError::sled("scan history", e))?;
             batch.remove(k);
             n += 1;
         }
         if n > 0 {
-            self.history
+            self.tree
                 .apply_batch(batch)
                 .map_err(|e| StoreError::sled("trim history", e))?;
             tracing::debug!(upto, removed = n, "trimmed watch history");
@@ -399,30 +451,35 @@ impl SledStore {
 }
 
 impl RevisionedStore for SledStore {
-    fn apply_entries(&self, entries: &[Entry]) -> Result<Vec<CommandResponse>, StoreError> {
-        let _guard = self.lock();
+    fn apply_entries(&self, entries: &[Entry]) -> Result<Vec<ProposalResponse>, StoreError> {
+        let guard = self.lock();
         let start_revision = self.revision.load(Ordering::Acquire);
         let start_compact = self.compact_revision.load(Ordering::Acquire);
-        let result = (&self.kv, &self.history, &self.meta).transaction(|(kv, history, meta)| {
-            let mut revision = start_revision;
-            let mut compact_revision = start_compact;
-            let mut responses = Vec::with_capacity(entries.len());
-            let mut last_applied = None;
-            for entry in entries {
-                last_applied = Some(entry.log_id);
-                let outcome = match &entry.payload {
-                    EntryPayload::Blank => Outcome::None,
-                    EntryPayload::Membership(m) => {
-                        let stored = StoredMembership::new(Some(entry.log_id), m.clone());
-                        meta.insert(
-                            META_MEMBERSHIP,
-                            encode("membership", &stored).map_err(abort)?,
-                        )?;
-                        Outcome::None
-                    }
-                    EntryPayload::Normal(cmd) => {
-                        let mut tx = TxState {
-                            kv,
+        let mut revision = start_revision;
+        let mut compact_revision = start_compact;
+        let mut pending = Pending {
+            tree: &self.tree,
+            overlay: HashMap::new(),
+            batch: sled::Batch::default(),
+        };
+        let mut responses = Vec::with_capacity(entries.len());
+        let mut last_applied = None;
+        for entry in entries {
+            last_applied = Some(entry.log_id);
+            let mut answers = Vec::new();
+            match &entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Membership(m) => {
+                    let stored = StoredMembership::new(Some(entry.log_id), m.clone());
+                    pending
+                        .batch
+                        .insert(MEMBERSHIP_KEY, encode("membership", &stored)?);
+                }
+                EntryPayload::Normal(proposal) => {
+                    answers.reserve(proposal.commands.len());
+                    for cmd in &proposal.commands {
+                        let mut tx = CommandTx {
+                            pending: &mut pending,
                             revision,
                             changed: false,
                             events: Vec::new(),
@@ -430,10 +487,8 @@ impl RevisionedStore for SledStore {
                         let outcome = tx.execute(cmd, &mut compact_revision)?;
                         if tx.changed {
                             revision = tx.revision;
-                            history.insert(
-                                &rev_key(revision),
-                                encode("history", &tx.events).map_err(abort)?,
-                            )?;
+                            let events = encode("history", &tx.events)?;
+                            pending.batch.insert(&history_key(revision), events);
                             // Keep history bounded, deterministically on every node.
                             if revision.is_multiple_of(HISTORY_COMPACT_STEP)
                                 && revision > HISTORY_RETENTION
@@ -442,31 +497,30 @@ impl RevisionedStore for SledStore {
                                     compact_revision.max(revision - HISTORY_RETENTION);
                             }
                         }
-                        outcome
+                        answers.push(CommandResponse { revision, outcome });
                     }
-                };
-                responses.push(CommandResponse { revision, outcome });
+                }
             }
-            meta.insert(
-                META_LAST_APPLIED,
-                encode("last applied", &last_applied).map_err(abort)?,
-            )?;
-            meta.insert(META_REVISION, &revision.to_be_bytes())?;
-            meta.insert(META_COMPACT_REVISION, &compact_revision.to_be_bytes())?;
-            Ok((responses, revision, compact_revision))
-        });
-        let (responses, revision, compact_revision) = match result {
-            Ok(v) => v,
-            Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(StoreError::sled("apply entries", e)),
+            responses.push(ProposalResponse { responses: answers });
+        }
+        let meta = SmMeta {
+            last_applied,
+            revision,
+            compact_revision,
         };
+        pending
+            .batch
+            .insert(META_KEY, encode("state machine meta", &meta)?);
+        self.tree
+            .apply_batch(pending.batch)
+            .map_err(|e| StoreError::sled("apply entries", e))?;
         self.revision.store(revision, Ordering::Release);
         if compact_revision > start_compact {
             self.compact_revision
                 .store(compact_revision, Ordering::Release);
             self.trim_history(compact_revision)?;
         }
-        drop(_guard);
+        drop(guard);
         if revision != start_revision {
             self.applied_tx.send_replace(revision);
         }
@@ -474,17 +528,10 @@ impl RevisionedStore for SledStore {
     }
 
     fn applied_state(&self) -> Result<(Option<LogId>, StoredMembership), StoreError> {
-        let last_applied = match self
-            .meta
-            .get(META_LAST_APPLIED)
-            .map_err(|e| StoreError::sled("read last applied", e))?
-        {
-            Some(b) => decode("last applied", &b)?,
-            None => None,
-        };
+        let last_applied = self.meta()?.last_applied;
         let membership = match self
-            .meta
-            .get(META_MEMBERSHIP)
+            .tree
+            .get(MEMBERSHIP_KEY)
             .map_err(|e| StoreError::sled("read membership", e))?
         {
             Some(b) => decode("membership", &b)?,
@@ -503,8 +550,8 @@ impl RevisionedStore for SledStore {
 
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         match self
-            .kv
-            .get(key.as_bytes())
+            .tree
+            .get(data_key(key))
             .map_err(|e| StoreError::sled("get", e))?
         {
             None => Ok(None),
@@ -520,21 +567,20 @@ impl RevisionedStore for SledStore {
     ) -> Result<(Vec<KeyValue>, bool), StoreError> {
         use std::ops::Bound;
         let lower = match start_after {
-            Some(after) if after >= prefix => Bound::Excluded(after.as_bytes().to_vec()),
-            _ => Bound::Included(prefix.as_bytes().to_vec()),
+            Some(after) if after >= prefix => Bound::Excluded(data_key(after)),
+            _ => Bound::Included(data_key(prefix)),
         };
+        let full_prefix = data_key(prefix);
         let mut out = Vec::new();
-        for item in self.kv.range::<Vec<u8>, _>((lower, Bound::Unbounded)) {
+        for item in self.tree.range::<Vec<u8>, _>((lower, Bound::Unbounded)) {
             let (k, v) = item.map_err(|e| StoreError::sled("list", e))?;
-            if !k.starts_with(prefix.as_bytes()) {
+            if !k.starts_with(&full_prefix) {
                 break;
             }
             if out.len() == limit {
                 return Ok((out, true));
             }
-            let key = std::str::from_utf8(&k)
-                .map_err(|_| StoreError::Corrupt("a stored key is not UTF-8".to_string()))?;
-            out.push(decode::<Record>("kv record", &v)?.into_kv(key));
+            out.push(decode::<Record>("kv record", &v)?.into_kv(key_of(&k)?));
         }
         Ok((out, false))
     }
@@ -557,9 +603,10 @@ impl RevisionedStore for SledStore {
             revisions: Vec::new(),
             scanned_to: after,
         };
-        for item in self.history.range(rev_key(after + 1)..).take(max_revisions) {
+        let range = history_key(after.saturating_add(1))..=history_key(u64::MAX);
+        for item in self.tree.range(range).take(max_revisions) {
             let (k, v) = item.map_err(|e| StoreError::sled("read history", e))?;
-            let revision = u64_from(&k, "history key")?;
+            let revision = u64_from(&k[1..], "history key")?;
             if revision != page.scanned_to + 1 {
                 // A hole: trimmed under us, or an import replaced history.
                 break;
@@ -591,12 +638,10 @@ impl RevisionedStore for SledStore {
         let guard = self.lock();
         let (last_applied, membership) = self.applied_state()?;
         let revision = self.revision();
-        let mut kvs = Vec::with_capacity(self.kv.len());
-        for item in self.kv.iter() {
+        let mut kvs = Vec::new();
+        for item in self.tree.scan_prefix([DATA]) {
             let (k, v) = item.map_err(|e| StoreError::sled("export", e))?;
-            let key = std::str::from_utf8(&k)
-                .map_err(|_| StoreError::Corrupt("a stored key is not UTF-8".to_string()))?;
-            kvs.push(decode::<Record>("kv record", &v)?.into_kv(key));
+            kvs.push(decode::<Record>("kv record", &v)?.into_kv(key_of(&k)?));
         }
         drop(guard);
         Ok(SnapshotBody {
@@ -610,8 +655,7 @@ impl RevisionedStore for SledStore {
     fn import(&self, body: SnapshotBody) -> Result<(), StoreError> {
         let guard = self.lock();
         let e = |what: &'static str| move |err| StoreError::sled(what, err);
-        self.kv.clear().map_err(e("clear kv"))?;
-        self.history.clear().map_err(e("clear history"))?;
+        self.tree.clear().map_err(e("clear state"))?;
         let mut batch = sled::Batch::default();
         for kv in body.kvs {
             let rec = Record {
@@ -620,20 +664,18 @@ impl RevisionedStore for SledStore {
                 version: kv.version,
                 value: kv.value,
             };
-            batch.insert(kv.key.as_bytes(), encode("kv record", &rec)?);
+            batch.insert(data_key(&kv.key), encode("kv record", &rec)?);
         }
-        self.kv.apply_batch(batch).map_err(e("import kv"))?;
-        let mut meta = sled::Batch::default();
-        meta.insert(
-            META_LAST_APPLIED,
-            encode("last applied", &body.last_applied)?,
-        );
-        meta.insert(META_MEMBERSHIP, encode("membership", &body.membership)?);
-        meta.insert(META_REVISION, &body.revision.to_be_bytes());
         // No history survives a snapshot install: watchers from before it
         // are told to resync.
-        meta.insert(META_COMPACT_REVISION, &body.revision.to_be_bytes());
-        self.meta.apply_batch(meta).map_err(e("import meta"))?;
+        let meta = SmMeta {
+            last_applied: body.last_applied,
+            revision: body.revision,
+            compact_revision: body.revision,
+        };
+        batch.insert(META_KEY, encode("state machine meta", &meta)?);
+        batch.insert(MEMBERSHIP_KEY, encode("membership", &body.membership)?);
+        self.tree.apply_batch(batch).map_err(e("import"))?;
         self.db.flush().map_err(e("flush after import"))?;
         self.revision.store(body.revision, Ordering::Release);
         self.compact_revision
@@ -684,13 +726,20 @@ mod tests {
             self.index += 1;
             Entry {
                 log_id: LogId::new(CommittedLeaderId::new(1, 1), self.index),
-                payload: EntryPayload::Normal(cmd),
+                payload: EntryPayload::Normal(Proposal {
+                    commands: vec![cmd],
+                }),
             }
         }
 
         fn apply(&mut self, cmds: Vec<Command>) -> Vec<CommandResponse> {
             let entries: Vec<Entry> = cmds.into_iter().map(|c| self.entry(c)).collect();
-            self.store.apply_entries(&entries).expect("apply")
+            self.store
+                .apply_entries(&entries)
+                .expect("apply")
+                .into_iter()
+                .flat_map(|r| r.responses)
+                .collect()
         }
 
         fn apply1(&mut self, cmd: Command) -> CommandResponse {

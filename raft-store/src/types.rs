@@ -37,8 +37,32 @@ pub struct KeyValue {
     pub version: u64,
 }
 
-/// One state change to submit through Raft. Each command is one Raft entry
-/// and, if it changes anything, exactly one new revision.
+/// What one Raft entry carries: commands from concurrent clients, applied
+/// in order. Batching lets many commands share one log append, one fsync
+/// and one replication round (openraft 0.9 makes the leader wait for each
+/// append's flush before the next).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub commands: Vec<Command>,
+}
+
+impl fmt::Display for Proposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.commands.as_slice() {
+            [one] => write!(f, "{one}"),
+            many => write!(f, "{} commands", many.len()),
+        }
+    }
+}
+
+/// The state machine's answer to one entry: one response per command.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProposalResponse {
+    pub responses: Vec<CommandResponse>,
+}
+
+/// One state change. If it changes anything it gets exactly one new
+/// revision, shared by all its changes (a txn is atomic at one revision).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Set `key`; with `expected_mod_revision`, only if the key's current

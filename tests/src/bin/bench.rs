@@ -211,7 +211,13 @@ impl Env {
             eprintln!("starting 3-node {t} cluster ...");
             match t {
                 Target::Trellis => {
-                    env.trellis = Some(Cluster::start(3).await.context("starting trellis")?)
+                    // Diagnostic: TRELLIS_BENCH_NODES=1 measures the local
+                    // write path without replication.
+                    let nodes = std::env::var("TRELLIS_BENCH_NODES")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(3);
+                    env.trellis = Some(Cluster::start(nodes).await.context("starting trellis")?)
                 }
                 Target::Etcd => {
                     env.etcd = Some(EtcdCluster::start(3).await.context("starting etcd")?)

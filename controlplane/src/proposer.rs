@@ -1,0 +1,170 @@
+//! Write batching on the leader: gathers concurrent commands into one Raft
+//! entry ([`Proposal`]).
+//!
+//! openraft 0.9's core appends one entry per `client_write` and waits for
+//! that append's flush before it takes the next message, so without
+//! batching the leader does one fsync per write, whatever the load. Here a
+//! task takes commands from a queue; while [`MAX_IN_FLIGHT`] proposals are
+//! already on their way, new commands wait in the queue, and the next
+//! proposal takes all of them (up to [`MAX_BATCH_COMMANDS`] /
+//! [`MAX_BATCH_BYTES`]). A lone request is proposed at once: there is no
+//! timer, so batching adds no latency when the cluster is idle.
+//!
+//! Each command still gets its own revision and its own response; a
+//! failure of the proposal (no leader, timeout) fails all its commands with
+//! the same error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use trellis_raft_store::{Command, CommandResponse, Proposal, Raft};
+
+use crate::error::ApiError;
+
+/// Proposals in flight at once. Two lets one batch be appended while the
+/// previous one replicates; more only splits the queue into smaller batches.
+pub const MAX_IN_FLIGHT: usize = 2;
+/// Most commands in one entry.
+pub const MAX_BATCH_COMMANDS: usize = 512;
+/// Most payload bytes in one entry (a batch always takes at least one
+/// command): keeps entries and their replication messages moderate.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Commands waiting for a proposal slot before callers feel backpressure.
+const QUEUE: usize = 16 * 1024;
+
+type Reply = oneshot::Sender<Result<CommandResponse, ApiError>>;
+
+/// Handle to the batching task.
+pub struct Proposer {
+    tx: mpsc::Sender<(Command, Reply)>,
+}
+
+fn size_of(cmd: &Command) -> usize {
+    match cmd {
+        Command::Put { key, value, .. } => key.len() + value.len(),
+        Command::Delete { key, .. } => key.len(),
+        Command::Txn {
+            compare,
+            success,
+            failure,
+        } => {
+            use trellis_raft_store::{CompareTarget, TxnOp};
+            let ops = |ops: &[TxnOp]| -> usize {
+                ops.iter()
+                    .map(|op| match op {
+                        TxnOp::Put { key, value } => key.len() + value.len(),
+                        TxnOp::Delete { key } | TxnOp::Get { key } => key.len(),
+                    })
+                    .sum()
+            };
+            let compares: usize = compare
+                .iter()
+                .map(|c| {
+                    c.key.len()
+                        + match &c.target {
+                            CompareTarget::Value(v) => v.len(),
+                            _ => 8,
+                        }
+                })
+                .sum();
+            compares + ops(success) + ops(failure)
+        }
+        Command::Compact { .. } => 8,
+    }
+}
+
+impl Proposer {
+    /// Start the batching task for `raft`; proposals give up after
+    /// `timeout`.
+    pub fn start(raft: Raft, timeout: Duration) -> Self {
+        let (tx, mut rx) = mpsc::channel::<(Command, Reply)>(QUEUE);
+        tokio::spawn(async move {
+            let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+            while let Some(first) = rx.recv().await {
+                // Wait for a slot before draining: while slots are taken,
+                // commands accumulate and the next batch carries them all.
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let mut bytes = size_of(&first.0);
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(item) => {
+                            bytes += size_of(&item.0);
+                            batch.push(item);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let raft = raft.clone();
+                tokio::spawn(async move {
+                    propose(&raft, batch, timeout).await;
+                    drop(permit);
+                });
+            }
+        });
+        Proposer { tx }
+    }
+
+    /// Propose `cmd` and wait for its result.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((cmd, reply))
+            .await
+            .map_err(|_| ApiError::internal("proposer", "the proposal task stopped"))?;
+        rx.await
+            .map_err(|_| ApiError::internal("proposer", "the proposal was dropped"))?
+    }
+}
+
+#[tracing::instrument(level = "debug", skip_all, fields(commands = batch.len()))]
+async fn propose(raft: &Raft, batch: Vec<(Command, Reply)>, timeout: Duration) {
+    let (commands, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+    let what = match commands.as_slice() {
+        [one] => one.kind(),
+        _ => "batch of writes",
+    };
+    let result = tokio::time::timeout(timeout, raft.client_write(Proposal { commands })).await;
+    let answers: Result<Vec<CommandResponse>, ApiError> = match result {
+        Err(_) => Err(ApiError::Timeout {
+            what,
+            after: timeout,
+        }),
+        Ok(Ok(resp)) => Ok(resp.data.responses),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            Err(ApiError::NoLeader(format!(
+                "leadership moved to {:?} before the {what} was proposed",
+                f.leader_id
+            )))
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            Err(ApiError::FailedPrecondition(e.to_string()))
+        }
+        Ok(Err(RaftError::Fatal(e))) => Err(ApiError::internal("raft", e)),
+    };
+    match answers {
+        Ok(responses) if responses.len() == replies.len() => {
+            for (reply, resp) in replies.into_iter().zip(responses) {
+                let _ = reply.send(Ok(resp));
+            }
+        }
+        Ok(responses) => {
+            let n = responses.len();
+            for reply in replies {
+                let _ = reply.send(Err(ApiError::internal(
+                    "proposer",
+                    format!("the state machine answered {n} responses to a batch"),
+                )));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
