@@ -51,6 +51,21 @@ impl Failure {
         }
     }
 
+    /// Whether a *write* may be sent again elsewhere: only if it provably
+    /// did not take effect — the connection never opened, or the server
+    /// said so (`x-trellis-retry-safe: true`, e.g. no leader, nothing
+    /// proposed). A deadline or a broken connection mid-call leaves the
+    /// outcome unknown, so the write is not repeated.
+    pub fn write_resendable(&self) -> bool {
+        match self {
+            Failure::Connect(_) => true,
+            Failure::Status(s) => s
+                .metadata()
+                .get("x-trellis-retry-safe")
+                .is_some_and(|v| v.as_bytes() == b"true"),
+        }
+    }
+
     /// The gRPC code, if the call got that far.
     pub fn code(&self) -> Option<Code> {
         match self {
@@ -149,7 +164,31 @@ impl Client {
     /// Calls `call` on the endpoints in order until one answers or fails
     /// with a final status. `call` gets a channel and the request deadline
     /// (to put on the request with [`with_deadline`]).
-    pub async fn unary<T, F, Fut>(&self, what: &str, mut call: F) -> Result<Answer<T>, CliError>
+    pub async fn unary<T, F, Fut>(&self, what: &str, call: F) -> Result<Answer<T>, CliError>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.unary_with(what, Failure::retryable, call).await
+    }
+
+    /// Like [`Client::unary`] for calls that change state: moves to the
+    /// next endpoint only when the failure proves nothing was applied
+    /// ([`Failure::write_resendable`]).
+    pub async fn unary_write<T, F, Fut>(&self, what: &str, call: F) -> Result<Answer<T>, CliError>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.unary_with(what, Failure::write_resendable, call).await
+    }
+
+    async fn unary_with<T, F, Fut>(
+        &self,
+        what: &str,
+        try_next: fn(&Failure) -> bool,
+        mut call: F,
+    ) -> Result<Answer<T>, CliError>
     where
         F: FnMut(Channel, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -163,7 +202,7 @@ impl Client {
                         endpoint: endpoint.clone(),
                     })
                 }
-                Err(f) if f.retryable() => last = Some((f, endpoint)),
+                Err(f) if try_next(&f) => last = Some((f, endpoint)),
                 Err(f) => return Err(f.into_error(what, endpoint)),
             }
         }
@@ -261,6 +300,19 @@ pub fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_are_resent_only_when_nothing_was_applied() {
+        assert!(Failure::Connect("refused".into()).write_resendable());
+        assert!(!Failure::Status(Status::deadline_exceeded("late")).write_resendable());
+        assert!(!Failure::Status(Status::unavailable("timeout")).write_resendable());
+        let mut s = Status::unavailable("no leader");
+        s.metadata_mut().insert(
+            "x-trellis-retry-safe",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        assert!(Failure::Status(s).write_resendable());
+    }
 
     #[test]
     fn retryable_failures() {

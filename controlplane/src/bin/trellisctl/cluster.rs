@@ -568,7 +568,7 @@ pub async fn member_add(ctx: &Ctx, args: MemberAddArgs) -> Result<(), CliError> 
     };
     let answer = ctx
         .client
-        .unary(&what, |channel, deadline| {
+        .unary_write(&what, |channel, deadline| {
             let request = with_deadline(request.clone(), deadline);
             async move { ClusterClient::new(channel).add_member(request).await }
         })
@@ -581,7 +581,7 @@ pub async fn member_remove(ctx: &Ctx, args: MemberRemoveArgs) -> Result<(), CliE
     let request = RemoveMemberRequest { node_id: args.id };
     let answer = ctx
         .client
-        .unary(&what, |channel, deadline| {
+        .unary_write(&what, |channel, deadline| {
             let request = with_deadline(request, deadline);
             async move { ClusterClient::new(channel).remove_member(request).await }
         })
@@ -594,7 +594,7 @@ pub async fn leader_transfer(ctx: &Ctx, args: LeaderTransferArgs) -> Result<(), 
     let request = TransferLeaderRequest { node_id: args.to };
     let answer = ctx
         .client
-        .unary(&what, |channel, deadline| {
+        .unary_write(&what, |channel, deadline| {
             let request = with_deadline(request, deadline);
             async move { ClusterClient::new(channel).transfer_leader(request).await }
         })

@@ -42,7 +42,7 @@ pub async fn put(ctx: &Ctx, args: PutArgs) -> Result<(), CliError> {
     let what = format!("put {:?}", args.key);
     let answer = ctx
         .client
-        .unary(&what, |channel, deadline| {
+        .unary_write(&what, |channel, deadline| {
             let request = with_deadline(request.clone(), deadline);
             async move { KvClient::new(channel).put(request).await }
         })
@@ -205,7 +205,7 @@ pub async fn delete(ctx: &Ctx, args: DeleteArgs) -> Result<(), CliError> {
     let what = format!("delete {:?}", args.key);
     let answer = ctx
         .client
-        .unary(&what, |channel, deadline| {
+        .unary_write(&what, |channel, deadline| {
             let request = with_deadline(request.clone(), deadline);
             async move { KvClient::new(channel).delete(request).await }
         })
@@ -237,7 +237,7 @@ pub async fn compact(ctx: &Ctx, args: CompactArgs) -> Result<(), CliError> {
     let what = format!("compact {}", args.revision);
     let answer = ctx
         .client
-        .unary(&what, |channel, deadline| {
+        .unary_write(&what, |channel, deadline| {
             let request = with_deadline(request, deadline);
             async move { KvClient::new(channel).compact(request).await }
         })
