@@ -8,6 +8,8 @@
 //! admin_addr = "10.0.0.1:7379"
 //! quic_addr = "10.0.0.1:7381"
 //!
+//! durability = "fsync"   # or "kill-safe"
+//!
 //! [raft]
 //! heartbeat_ms = 50
 //! election_timeout_min_ms = 150
@@ -105,6 +107,9 @@ pub struct NodeConfig {
     pub peer_dial_overrides: BTreeMap<u64, String>,
     /// How long API calls wait for the cluster before UNAVAILABLE (ms).
     pub request_timeout_ms: u64,
+    /// `fsync` (default): log appends are fdatasync'ed, surviving power
+    /// loss. `kill-safe`: sled's flush only, surviving process crashes.
+    pub durability: trellis_raft_store::Durability,
     /// Raft timing.
     pub raft: RaftTiming,
     /// tracing filter, e.g. `info` or `trellis=debug,openraft=warn`.
@@ -123,6 +128,7 @@ impl Default for NodeConfig {
             advertise_admin_addr: None,
             peer_dial_overrides: BTreeMap::new(),
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            durability: trellis_raft_store::Durability::default(),
             raft: RaftTiming::default(),
             log_level: "info,openraft=warn".to_string(),
         }

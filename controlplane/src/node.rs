@@ -321,7 +321,7 @@ impl RunningNode {
                 .unwrap_or(addrs.admin.to_string()),
         };
 
-        let (log_store, sm) = trellis_raft_store::open(&config.data_dir)?;
+        let (log_store, sm) = trellis_raft_store::open_with(&config.data_dir, config.durability)?;
         let store = sm.store();
         let raft_config = Arc::new(config.openraft_config()?);
         let network = PeerNetwork::new(

@@ -56,9 +56,29 @@ pub type Entry = openraft::Entry<TypeConfig>;
 /// The Raft instance type of a control node.
 pub type Raft = openraft::Raft<TypeConfig>;
 
+/// How hard a log append is pushed to disk before openraft hears it is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// sled's flush plus `fdatasync` of its data file: survives power loss.
+    #[default]
+    Fsync,
+    /// sled's flush only (write + `sync_file_range`): survives a crash or
+    /// `kill -9` of the process, not necessarily power loss.
+    KillSafe,
+}
+
 /// Open (or create) the node's database and return the log store and state
 /// machine that share it.
 pub fn open(data_dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreError> {
+    open_with(data_dir, Durability::default())
+}
+
+/// [`open`] with a chosen [`Durability`].
+pub fn open_with(
+    data_dir: &std::path::Path,
+    durability: Durability,
+) -> Result<(LogStore, StateMachine), StoreError> {
     std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Io {
         what: format!("create data dir {}", data_dir.display()),
         source: e,
@@ -72,7 +92,9 @@ pub fn open(data_dir: &std::path::Path) -> Result<(LogStore, StateMachine), Stor
             what: format!("open database in {}", data_dir.display()),
             source: e,
         })?;
-    let log = LogStore::new(db.clone())?;
+    let db_file = data_dir.join("db").join("db");
+    let sync_path = (durability == Durability::Fsync).then_some(db_file.as_path());
+    let log = LogStore::new(db.clone(), sync_path)?;
     let kv = std::sync::Arc::new(SledStore::new(db)?);
     let sm = StateMachine::new(kv, data_dir.join("snapshots"))?;
     Ok((log, sm))

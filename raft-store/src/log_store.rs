@@ -11,7 +11,9 @@
 //! one fsync acknowledges many appends; alone, an append waits for one
 //! fsync. `save_vote` waits for the flusher before it returns. All trees
 //! share sled's one log, so one flush covers the state machine's writes
-//! too. What openraft was told is durable survives a `kill -9`.
+//! too. sled's flush ends in `sync_file_range`, enough for a `kill -9`
+//! but not for power loss; unless [`Durability::KillSafe`] is chosen the
+//! flusher also `fdatasync`s sled's data file, once per group.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -49,7 +51,7 @@ struct Flusher {
 }
 
 impl Flusher {
-    fn start(db: sled::Db) -> Result<Self, StoreError> {
+    fn start(db: sled::Db, sync_file: Option<std::fs::File>) -> Result<Self, StoreError> {
         let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
         std::thread::Builder::new()
             .name("raft-log-flush".into())
@@ -58,7 +60,13 @@ impl Flusher {
                     let mut waiters = vec![first];
                     waiters.extend(rx.try_iter());
                     let started = std::time::Instant::now();
-                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                    let mut result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                    // sled's flush on Linux ends in sync_file_range, which
+                    // neither flushes the device cache nor file metadata:
+                    // fdatasync makes the group power-loss durable.
+                    if let (Ok(()), Some(f)) = (&result, &sync_file) {
+                        result = f.sync_data().map_err(|e| format!("fdatasync: {e}"));
+                    }
                     tracing::trace!(
                         waiters = waiters.len(),
                         micros = started.elapsed().as_micros() as u64,
@@ -124,8 +132,16 @@ fn index_key(index: u64) -> [u8; 8] {
 }
 
 impl LogStore {
-    /// Open the log trees of `db`.
-    pub fn new(db: sled::Db) -> Result<Self, StoreError> {
+    /// Open the log trees of `db`. With `sync_path` (sled's data file), every
+    /// group commit also `fdatasync`s it.
+    pub fn new(db: sled::Db, sync_path: Option<&std::path::Path>) -> Result<Self, StoreError> {
+        let sync_file = match sync_path {
+            None => None,
+            Some(p) => Some(std::fs::File::open(p).map_err(|source| StoreError::Io {
+                what: format!("open {} for fdatasync", p.display()),
+                source,
+            })?),
+        };
         let open = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Sled {
                 what: format!("open tree {name}"),
@@ -135,7 +151,7 @@ impl LogStore {
         Ok(LogStore {
             log: open("raft_log")?,
             meta: open("raft_meta")?,
-            flusher: Flusher::start(db)?,
+            flusher: Flusher::start(db, sync_file)?,
         })
     }
 

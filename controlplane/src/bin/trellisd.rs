@@ -59,6 +59,10 @@ struct Args {
     /// Snapshot after this many log entries.
     #[arg(long)]
     snapshot_after_logs: Option<u64>,
+    /// `fsync` (default; survives power loss) or `kill-safe` (sled flush
+    /// only; survives process crashes).
+    #[arg(long, value_parser = parse_durability)]
+    durability: Option<trellis_raft_store::Durability>,
     /// How long API calls wait for a leader / commit (ms).
     #[arg(long)]
     request_timeout_ms: Option<u64>,
@@ -75,6 +79,14 @@ fn parse_override(s: &str) -> Result<(u64, String), String> {
         .parse::<u64>()
         .map_err(|e| format!("{s:?}: bad node id: {e}"))?;
     Ok((id, addr.to_string()))
+}
+
+fn parse_durability(s: &str) -> Result<trellis_raft_store::Durability, String> {
+    match s {
+        "fsync" => Ok(trellis_raft_store::Durability::Fsync),
+        "kill-safe" => Ok(trellis_raft_store::Durability::KillSafe),
+        other => Err(format!("{other:?}: expected fsync or kill-safe")),
+    }
 }
 
 fn build_config(args: Args) -> Result<NodeConfig, String> {
@@ -99,6 +111,7 @@ fn build_config(args: Args) -> Result<NodeConfig, String> {
     set!(raft.election_timeout_max_ms <- args.election_timeout_max_ms);
     set!(raft.snapshot_after_logs <- args.snapshot_after_logs);
     set!(request_timeout_ms <- args.request_timeout_ms);
+    set!(durability <- args.durability);
     set!(log_level <- args.log_level);
     if args.advertise_raft_addr.is_some() {
         c.advertise_raft_addr = args.advertise_raft_addr;
