@@ -21,12 +21,16 @@ DIR=$(cd "$DIR" && pwd)
 export TRELLIS_ENDPOINTS=127.0.0.1:21379,127.0.0.1:22379,127.0.0.1:23379
 
 pids=()
+stopped=0
 stop() {
+  [[ $stopped == 1 ]] && return
+  stopped=1
   echo "stopping nodes ..." >&2
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait || true
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
 }
-trap stop EXIT INT TERM
+trap stop EXIT
+trap 'exit 130' INT TERM
 
 for n in 1 2 3; do
   "$BIN/trellisd" --id $n --data-dir "$DIR/node$n" \
