@@ -34,6 +34,9 @@ pub enum ApiError {
         requested: u64,
         compact_revision: u64,
     },
+    /// A revision outside what the store has (future, or compacted).
+    #[error("{0}")]
+    OutOfRange(String),
     /// The operation does not apply in the current state.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -88,7 +91,7 @@ impl ApiError {
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
             ApiError::NotFound { .. } | ApiError::MemberNotFound { .. } => Code::NotFound,
             ApiError::Conflict { .. } => Code::FailedPrecondition,
-            ApiError::Compacted { .. } => Code::OutOfRange,
+            ApiError::Compacted { .. } | ApiError::OutOfRange(_) => Code::OutOfRange,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::NoLeader(_) => Code::Unavailable,
             ApiError::Timeout { .. } => Code::Unavailable,

@@ -380,7 +380,14 @@ impl CommandTx<'_, '_> {
                         ),
                     });
                 }
-                *compact_revision = (*compact_revision).max(*revision);
+                if *revision < *compact_revision {
+                    return Ok(Outcome::Rejected {
+                        reason: format!(
+                            "revision {revision} is already compacted: history starts after revision {compact_revision}"
+                        ),
+                    });
+                }
+                *compact_revision = *revision;
                 Ok(Outcome::Compacted {
                     compact_revision: *compact_revision,
                 })
@@ -899,6 +906,51 @@ mod tests {
         assert_eq!(page.revisions.len(), 1);
         let r = f.apply1(Command::Compact { revision: 99 });
         assert!(matches!(r.outcome, Outcome::Rejected { .. }));
+        // Compacting below the compact revision is refused, not ignored.
+        let r = f.apply1(Command::Compact { revision: 1 });
+        assert!(
+            matches!(r.outcome, Outcome::Rejected { ref reason } if reason.contains("already compacted"))
+        );
+        assert_eq!(f.store.compact_revision(), 2);
+    }
+
+    #[test]
+    fn one_entry_of_several_commands_gives_each_its_revision() {
+        let mut f = Fixture::new();
+        f.index += 1;
+        let entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), f.index),
+            payload: EntryPayload::Normal(Proposal {
+                commands: vec![
+                    put("/b/1", "a"),
+                    Command::Put {
+                        key: "/b/1".into(),
+                        value: b"lost".to_vec(),
+                        expected_mod_revision: Some(0),
+                    },
+                    put("/b/2", "b"),
+                ],
+            }),
+        };
+        let out = f.store.apply_entries(&[entry]).expect("apply");
+        let revs: Vec<u64> = out[0].responses.iter().map(|r| r.revision).collect();
+        // The conflicting middle command spends no revision.
+        assert_eq!(revs, vec![1, 1, 2]);
+        assert!(matches!(
+            out[0].responses[1].outcome,
+            Outcome::Conflict {
+                current_mod_revision: 1,
+                ..
+            }
+        ));
+        let page = f.store.events_since(0, "", 10).expect("history");
+        assert_eq!(
+            page.revisions
+                .iter()
+                .map(|r| r.revision)
+                .collect::<Vec<_>>(),
+            vec![1, 2]
+        );
     }
 
     #[test]

@@ -672,7 +672,20 @@ async fn bad_input_gets_invalid_argument_naming_the_field() -> Result<()> {
         })
         .await
         .expect_err("future compaction");
-    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(err.code(), Code::OutOfRange);
+    assert!(err.message().contains("in the future"), "{}", err.message());
+    let now = put(&mut kv, "/c", "1").await?;
+    kv.compact(CompactRequest { revision: now }).await?;
+    let err = kv
+        .compact(CompactRequest { revision: now - 1 })
+        .await
+        .expect_err("compaction below the compact revision");
+    assert_eq!(err.code(), Code::OutOfRange);
+    assert!(
+        err.message().contains("already compacted"),
+        "{}",
+        err.message()
+    );
     Ok(())
 }
 

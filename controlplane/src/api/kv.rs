@@ -57,7 +57,8 @@ impl KvService {
                 key,
                 current: current_mod_revision,
             }),
-            Outcome::Rejected { reason } => Err(ApiError::FailedPrecondition(reason)),
+            // Only compaction rejects (a race with the edge check above).
+            Outcome::Rejected { reason } => Err(ApiError::OutOfRange(reason)),
             _ => Ok(resp),
         }
     }
@@ -280,6 +281,24 @@ impl Kv for KvService {
                 .await
                 .map_err(remote),
             Route::Local => {
+                let (current, compacted) = (
+                    self.node.store.revision(),
+                    self.node.store.compact_revision(),
+                );
+                if pb_req.revision > current {
+                    return Err(ApiError::OutOfRange(format!(
+                        "revision {} is in the future: the current revision is {current}",
+                        pb_req.revision
+                    ))
+                    .into());
+                }
+                if pb_req.revision < compacted {
+                    return Err(ApiError::OutOfRange(format!(
+                        "revision {} is already compacted: history starts after revision {compacted}",
+                        pb_req.revision
+                    ))
+                    .into());
+                }
                 let resp = self
                     .propose(Command::Compact {
                         revision: pb_req.revision,

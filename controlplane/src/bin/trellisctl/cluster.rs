@@ -234,11 +234,21 @@ pub async fn status(ctx: &Ctx) -> Result<(), CliError> {
             format!("{what}: none of the {total} members answered"),
         ))
     } else {
+        let down: Vec<String> = targets
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_err())
+            .map(|(t, _)| match t.node_id {
+                Some(id) => format!("{id} ({})", t.admin),
+                None => t.admin.clone(),
+            })
+            .collect();
         Err(CliError::new(
             exit::DEGRADED,
             format!(
-                "{what}: {} of {total} members unreachable",
-                total - answered
+                "{what}: {} of {total} members unreachable: {}",
+                total - answered,
+                down.join(", ")
             ),
         ))
     }

@@ -39,7 +39,7 @@ pub async fn put(ctx: &Ctx, args: PutArgs) -> Result<(), CliError> {
         expected_mod_revision: args.expected_revision,
         prev_kv: args.prev_kv,
     };
-    let what = format!("put {:?}", args.key);
+    let what = format!("put {}", shown_key(&args.key));
     let answer = ctx
         .client
         .unary_write(&what, |channel, deadline| {
@@ -79,7 +79,7 @@ pub async fn get(ctx: &Ctx, args: GetArgs) -> Result<(), CliError> {
         key: args.key.clone(),
         serializable: args.serializable,
     };
-    let what = format!("get {:?}", args.key);
+    let what = format!("get {}", shown_key(&args.key));
     let answer = ctx
         .client
         .unary(&what, |channel, deadline| {
@@ -202,7 +202,7 @@ pub async fn delete(ctx: &Ctx, args: DeleteArgs) -> Result<(), CliError> {
         expected_mod_revision: args.expected_revision,
         prev_kv: false,
     };
-    let what = format!("delete {:?}", args.key);
+    let what = format!("delete {}", shown_key(&args.key));
     let answer = ctx
         .client
         .unary_write(&what, |channel, deadline| {
@@ -253,4 +253,18 @@ pub async fn compact(ctx: &Ctx, args: CompactArgs) -> Result<(), CliError> {
         "compacted at revision {} (current revision {revision})",
         args.revision
     ))
+}
+
+/// A key as shown in messages: quoted, and cut short when very long (the
+/// server's error already says how long it is).
+fn shown_key(key: &str) -> String {
+    const MAX: usize = 64;
+    if key.len() <= MAX {
+        return format!("{key:?}");
+    }
+    let mut end = MAX;
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &key[..end], key.len())
 }

@@ -171,8 +171,10 @@ async fn current_revision(ctx: &Ctx, prefix: &str, what: &str) -> Result<u64, Cl
 /// resume from.
 fn handle(ctx: &Ctx, what: &str, response: &WatchResponse, next: u64) -> Result<u64, CliError> {
     if response.compacted {
+        // The start revision is out of the node's history range: the same
+        // exit code as an OUT_OF_RANGE status.
         return Err(CliError::new(
-            exit::OTHER,
+            exit::USAGE,
             format!(
                 "{what}: revision {next} has been compacted (compact revision {}); \
                  re-read the keys with `trellisctl list` and watch from a newer revision",
