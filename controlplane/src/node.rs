@@ -363,14 +363,20 @@ impl RunningNode {
             .add_service(peer)
             .serve_with_incoming_shutdown(incoming(raft_listener), stop(shutdown_rx.clone()));
 
+        // Both reflection versions: grpcurl speaks v1, older clients v1alpha.
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
         let admin_server = tonic::transport::Server::builder()
             .add_service(crate::api::kv_service(node.clone()))
             .add_service(crate::api::cluster_service(node.clone()))
             .add_service(reflection)
+            .add_service(reflection_alpha)
             .serve_with_incoming_shutdown(incoming(admin_listener), stop(shutdown_rx));
 
         let servers = vec![tokio::spawn(peer_server), tokio::spawn(admin_server)];

@@ -704,3 +704,37 @@ async fn an_uninitialized_node_says_so() -> Result<()> {
     assert!(!st.initialized);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_reflection_lists_the_admin_services() -> Result<()> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let c = Cluster::start(1).await?;
+    let channel = trellis_tests::connect(c.admin_addr(1)).await?;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await?
+        .into_inner();
+    let resp = responses
+        .message()
+        .await?
+        .context("no reflection response")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        bail!("unexpected reflection response {resp:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["trellis.admin.v1.KV", "trellis.admin.v1.Cluster"] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+    Ok(())
+}

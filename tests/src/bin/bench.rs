@@ -32,7 +32,7 @@ use trellis_proto::admin::kv_client::KvClient;
 use trellis_proto::admin::{CompactRequest, GetRequest, PutRequest};
 use trellis_tests::etcdpb;
 use trellis_tests::{
-    connect, lazy_channel, median, parse_duration, Cluster, EtcdCluster, Latencies,
+    connect, lazy_channel, median, parse_duration, Cluster, ClusterOptions, EtcdCluster, Latencies,
 };
 
 #[derive(Parser, Debug)]
@@ -211,13 +211,26 @@ impl Env {
             eprintln!("starting 3-node {t} cluster ...");
             match t {
                 Target::Trellis => {
-                    // Diagnostic: TRELLIS_BENCH_NODES=1 measures the local
-                    // write path without replication.
+                    // Diagnostics: TRELLIS_BENCH_NODES=1 measures the local
+                    // write path without replication; TRELLIS_BENCH_NODE_ARGS
+                    // adds trellisd flags (e.g. "--durability kill-safe").
                     let nodes = std::env::var("TRELLIS_BENCH_NODES")
                         .ok()
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(3);
-                    env.trellis = Some(Cluster::start(nodes).await.context("starting trellis")?)
+                    let extra_args = std::env::var("TRELLIS_BENCH_NODE_ARGS")
+                        .map(|v| v.split_whitespace().map(str::to_string).collect())
+                        .unwrap_or_default();
+                    let opts = ClusterOptions {
+                        nodes,
+                        extra_args,
+                        ..ClusterOptions::default()
+                    };
+                    env.trellis = Some(
+                        Cluster::start_with(opts)
+                            .await
+                            .context("starting trellis")?,
+                    )
                 }
                 Target::Etcd => {
                     env.etcd = Some(EtcdCluster::start(3).await.context("starting etcd")?)
