@@ -8,8 +8,11 @@
 
 use std::time::Duration;
 
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
+use trellis_raft_store::{NodeAddr, NodeId};
 
 /// Largest key accepted (bytes).
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -97,6 +100,40 @@ impl ApiError {
             ApiError::Timeout { .. } => Code::Unavailable,
             ApiError::Remote(s) => s.code(),
             ApiError::Internal { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>> for ApiError {
+    /// A proposal (write or membership change) openraft refused. A
+    /// `ForwardToLeader` means nothing was proposed: safe to retry.
+    fn from(e: RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>) -> Self {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                ApiError::NoLeader(format!(
+                    "leadership moved to {:?} before the request was proposed",
+                    f.leader_id
+                ))
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                ApiError::FailedPrecondition(e.to_string())
+            }
+            RaftError::Fatal(e) => ApiError::internal("raft", e),
+        }
+    }
+}
+
+impl From<RaftError<NodeId, CheckIsLeaderError<NodeId, NodeAddr>>> for ApiError {
+    /// A read-index round that could not confirm leadership.
+    fn from(e: RaftError<NodeId, CheckIsLeaderError<NodeId, NodeAddr>>) -> Self {
+        match e {
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => ApiError::NoLeader(
+                format!("leadership moved to {:?} during the read", f.leader_id),
+            ),
+            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)) => {
+                ApiError::NoLeader(e.to_string())
+            }
+            RaftError::Fatal(e) => ApiError::internal("raft", e),
         }
     }
 }

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::ServerState;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
@@ -165,6 +164,24 @@ impl Node {
         self.proposer.propose(cmd).await
     }
 
+    /// Commit a membership change (this node leads), within the request
+    /// timeout.
+    pub async fn change_membership(
+        &self,
+        change: openraft::ChangeMembers<NodeId, NodeAddr>,
+    ) -> Result<(), ApiError> {
+        tokio::time::timeout(
+            self.request_timeout,
+            self.raft.change_membership(change, false),
+        )
+        .await
+        .map_err(|_| ApiError::Timeout {
+            what: "membership change",
+            after: self.request_timeout,
+        })??;
+        Ok(())
+    }
+
     /// Confirm leadership with a quorum (read index) and wait until this
     /// node has applied up to it: a read after this is linearizable.
     /// Concurrent callers share rounds (see [`ReadBarrier`]).
@@ -195,16 +212,7 @@ impl Node {
                 self.request_timeout
             ))),
             Ok(Ok((read_log_id, _))) => Ok(read_log_id),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                Err(ApiError::NoLeader(format!(
-                    "leadership moved to {:?} during the read",
-                    f.leader_id
-                )))
-            }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
-                Err(ApiError::NoLeader(e.to_string()))
-            }
-            Ok(Err(RaftError::Fatal(e))) => Err(ApiError::internal("raft", e)),
+            Ok(Err(e)) => Err(ApiError::from(e)),
         }?;
         let want = read_log_id.map_or(0, |l| l.index);
         let waited = tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= want))

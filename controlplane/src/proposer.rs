@@ -17,7 +17,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use trellis_raft_store::{Command, CommandResponse, Proposal, Raft};
 
@@ -135,16 +134,7 @@ async fn propose(raft: &Raft, batch: Vec<(Command, Reply)>, timeout: Duration) {
             after: timeout,
         }),
         Ok(Ok(resp)) => Ok(resp.data.responses),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-            Err(ApiError::NoLeader(format!(
-                "leadership moved to {:?} before the {what} was proposed",
-                f.leader_id
-            )))
-        }
-        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-            Err(ApiError::FailedPrecondition(e.to_string()))
-        }
-        Ok(Err(RaftError::Fatal(e))) => Err(ApiError::internal("raft", e)),
+        Ok(Err(e)) => Err(ApiError::from(e)),
     };
     match answers {
         Ok(responses) if responses.len() == replies.len() => {

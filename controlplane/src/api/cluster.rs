@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{InitializeError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use tonic::{Request, Response, Status};
 use trellis_proto::admin as pb;
@@ -51,18 +51,6 @@ impl ClusterService {
                 voter: voters.contains(id),
             })
             .collect()
-    }
-
-    fn client_write_err(e: RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>) -> ApiError {
-        match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                ApiError::NoLeader(format!("leadership moved to {:?}", f.leader_id))
-            }
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-                ApiError::FailedPrecondition(e.to_string())
-            }
-            RaftError::Fatal(e) => ApiError::internal("raft", e),
-        }
     }
 }
 
@@ -205,21 +193,12 @@ impl Cluster for ClusterService {
             what: "add learner",
             after: ADD_MEMBER_CATCH_UP_TIMEOUT,
         })?
-        .map_err(Self::client_write_err)?;
+        .map_err(ApiError::from)?;
         if !r.learner {
             let ids: BTreeSet<NodeId> = [r.node_id].into();
-            tokio::time::timeout(
-                self.node.request_timeout,
-                self.node
-                    .raft
-                    .change_membership(ChangeMembers::AddVoterIds(ids), false),
-            )
-            .await
-            .map_err(|_| ApiError::Timeout {
-                what: "membership change",
-                after: self.node.request_timeout,
-            })?
-            .map_err(Self::client_write_err)?;
+            self.node
+                .change_membership(ChangeMembers::AddVoterIds(ids))
+                .await?;
         }
         Ok(Response::new(pb::AddMemberResponse {
             members: self.members(),
@@ -250,16 +229,7 @@ impl Cluster for ClusterService {
         } else {
             ChangeMembers::RemoveNodes(ids)
         };
-        tokio::time::timeout(
-            self.node.request_timeout,
-            self.node.raft.change_membership(change, false),
-        )
-        .await
-        .map_err(|_| ApiError::Timeout {
-            what: "membership change",
-            after: self.node.request_timeout,
-        })?
-        .map_err(Self::client_write_err)?;
+        self.node.change_membership(change).await?;
         Ok(Response::new(pb::RemoveMemberResponse {
             members: self.members(),
         }))
