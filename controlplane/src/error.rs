@@ -50,6 +50,14 @@ pub enum ApiError {
     /// commit, so a blind retry of a non-idempotent write is not safe.
     #[error("{what} not confirmed within {after:?} (no quorum?); it may still take effect")]
     Timeout { what: &'static str, after: Duration },
+    /// Forwarding to the leader failed in transport. If the request was
+    /// never `sent` it is safe to resend.
+    #[error("cannot reach the leader (node {leader}): {detail}")]
+    LeaderUnreachable {
+        leader: u64,
+        detail: String,
+        sent: bool,
+    },
     /// A forwarded request failed at the leader: passed through as is.
     #[error("{0}")]
     Remote(Status),
@@ -81,6 +89,7 @@ impl ApiError {
     pub fn retry_safe(&self) -> bool {
         match self {
             ApiError::NoLeader(_) => true,
+            ApiError::LeaderUnreachable { sent, .. } => !sent,
             ApiError::Remote(s) => s
                 .metadata()
                 .get("x-trellis-retry-safe")
@@ -96,7 +105,7 @@ impl ApiError {
             ApiError::Conflict { .. } => Code::FailedPrecondition,
             ApiError::Compacted { .. } | ApiError::OutOfRange(_) => Code::OutOfRange,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ApiError::NoLeader(_) => Code::Unavailable,
+            ApiError::NoLeader(_) | ApiError::LeaderUnreachable { .. } => Code::Unavailable,
             ApiError::Timeout { .. } => Code::Unavailable,
             ApiError::Remote(s) => s.code(),
             ApiError::Internal { .. } => Code::Internal,

@@ -738,3 +738,156 @@ async fn server_reflection_lists_the_admin_services() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_a_leader_kill_under_concurrent_load() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let mut c = Cluster::start(3).await?;
+    let leader = c.leader().await?;
+    let ids = c.ids();
+    let stop = Arc::new(AtomicBool::new(false));
+    // 8 writers, each putting unique keys through every node in turn;
+    // errors (during the failover) are allowed, acknowledgements are kept.
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let clients: Vec<Kv> = ids.iter().map(|id| c.kv(*id)).collect();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("/load/{w}/{i}");
+                let mut kv = clients[(i as usize + w as usize) % clients.len()].clone();
+                let mut req = tonic::Request::new(put_req(&key, &format!("{w}-{i}")));
+                req.set_timeout(Duration::from_secs(2));
+                if let Ok(resp) = kv.put(req).await {
+                    if let Some(h) = resp.into_inner().header {
+                        acked.push((key, format!("{w}-{i}"), h.revision));
+                    }
+                }
+                i += 1;
+            }
+            acked
+        }));
+    }
+    // Let load build up, kill the leader mid-stream, keep writing through
+    // the election, then stop.
+    c.wait_for_revision(leader, 300).await?;
+    c.kill(leader).await?;
+    let new_leader = c.leader().await?;
+    let after_kill = c.status(new_leader).await?.revision;
+    c.wait_for_revision(new_leader, after_kill + 300).await?;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await?);
+    }
+    ensure!(
+        acked.len() > 600,
+        "too few acknowledged writes: {}",
+        acked.len()
+    );
+
+    // Every acknowledged write is there, at its revision; revisions are
+    // unique (each put is its own revision).
+    let mut revisions: Vec<u64> = acked.iter().map(|a| a.2).collect();
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(
+        revisions.len(),
+        acked.len(),
+        "two acknowledged puts share a revision"
+    );
+    let mut kv = c.kv(new_leader);
+    for (key, value, rev) in &acked {
+        assert_eq!(
+            get(&mut kv, key, false).await?,
+            Some((value.clone().into_bytes(), *rev)),
+            "acknowledged write {key} at revision {rev}"
+        );
+    }
+
+    // The killed node returns and all three replicas hold the same data.
+    c.restart(leader).await?;
+    let last = c.status(new_leader).await?.revision;
+    let mut dumps = Vec::new();
+    for id in c.ids() {
+        c.wait_for_revision(id, last).await?;
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let resp = c
+                .kv(id)
+                .list(ListRequest {
+                    prefix: "/load/".into(),
+                    page_token: token.clone(),
+                    serializable: true,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            all.extend(
+                resp.kvs
+                    .into_iter()
+                    .map(|kv| (kv.key, kv.value, kv.mod_revision)),
+            );
+            if resp.next_page_token.is_empty() {
+                break;
+            }
+            token = resp.next_page_token;
+        }
+        dumps.push(all);
+    }
+    assert_eq!(dumps[0], dumps[1]);
+    assert_eq!(dumps[1], dumps[2]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_writes_and_linearizable_reads_fail_fast_as_unavailable() -> Result<()> {
+    let mut c = Cluster::start_with(trellis_tests::ClusterOptions {
+        extra_args: vec!["--request-timeout-ms".into(), "1000".into()],
+        ..Default::default()
+    })
+    .await?;
+    let (leader, f) = followers(&c).await?;
+    let rev = put(&mut c.kv(leader), "/q", "before").await?;
+    c.wait_for_revision(f[0], rev).await?;
+    // Lose the majority: only f[0] is left.
+    c.kill(leader).await?;
+    c.kill(f[1]).await?;
+    let mut kv = c.kv(f[0]);
+    let started = std::time::Instant::now();
+    let err = kv.put(put_req("/q", "after")).await.expect_err("no quorum");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.message().contains("leader") || err.message().contains("quorum"),
+        "{}",
+        err.message()
+    );
+    let err = kv
+        .get(GetRequest {
+            key: "/q".into(),
+            serializable: false,
+        })
+        .await
+        .expect_err("no quorum for a linearizable read");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // A serializable read is served from the survivor's own state.
+    assert_eq!(
+        get(&mut kv, "/q", true).await?,
+        Some((b"before".to_vec(), rev))
+    );
+    // Quorum back: writes work again.
+    c.restart(f[1]).await?;
+    c.leader().await?;
+    put(&mut c.kv(f[0]), "/q", "after").await?;
+    Ok(())
+}

@@ -17,7 +17,7 @@ use trellis_proto::raft::raft_peer_client::RaftPeerClient;
 use trellis_proto::raft::TimeoutNowRequest;
 use trellis_raft_store::{NodeAddr, NodeId};
 
-use super::{forward_request, is_forwarded};
+use super::{forward_error, forward_request, is_forwarded};
 use crate::error::ApiError;
 use crate::network::{lazy_channel, PEER_CONNECT_TIMEOUT};
 use crate::node::{Node, Route};
@@ -52,10 +52,6 @@ impl ClusterService {
             })
             .collect()
     }
-}
-
-fn remote(s: Status) -> Status {
-    ApiError::Remote(s).into()
 }
 
 #[tonic::async_trait]
@@ -165,11 +161,11 @@ impl Cluster for ClusterService {
             addr.parse::<std::net::SocketAddr>()
                 .map_err(|e| ApiError::invalid(field, format!("{addr:?} is not ip:port ({e})")))?;
         }
-        if let Route::Forward { channel, .. } = self.node.route(forwarded).await? {
+        if let Route::Forward { channel, leader } = self.node.route(forwarded).await? {
             return ClusterClient::new(channel)
                 .add_member(forward_request(r, ADD_MEMBER_CATCH_UP_TIMEOUT))
                 .await
-                .map_err(remote);
+                .map_err(|s| forward_error(leader, s));
         }
         let addr = NodeAddr {
             raft_addr: r.raft_addr.clone(),
@@ -212,11 +208,11 @@ impl Cluster for ClusterService {
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let r = req.into_inner();
-        if let Route::Forward { channel, .. } = self.node.route(forwarded).await? {
+        if let Route::Forward { channel, leader } = self.node.route(forwarded).await? {
             return ClusterClient::new(channel)
                 .remove_member(forward_request(r, self.node.request_timeout))
                 .await
-                .map_err(remote);
+                .map_err(|s| forward_error(leader, s));
         }
         let member = self
             .members()
@@ -263,7 +259,7 @@ impl Cluster for ClusterService {
             return ClusterClient::new(channel)
                 .transfer_leader(forward_request(r, self.node.request_timeout))
                 .await
-                .map_err(remote);
+                .map_err(|s| forward_error(leader, s));
         }
         if r.node_id == self.node.id {
             return Ok(Response::new(pb::TransferLeaderResponse {

@@ -19,7 +19,7 @@ use trellis_raft_store::{Command, CommandResponse, Outcome};
 use super::convert::{
     check_key, delete_command, kv_to_pb, put_command, txn_command, txn_result_to_pb,
 };
-use super::{forward_request, is_forwarded};
+use super::{forward_error, forward_request, is_forwarded};
 use crate::error::ApiError;
 use crate::node::{Node, Route, MAX_ADMIN_MESSAGE_BYTES};
 
@@ -76,10 +76,6 @@ impl KvService {
     }
 }
 
-fn remote(s: Status) -> Status {
-    ApiError::Remote(s).into()
-}
-
 fn unexpected(what: &'static str, outcome: &Outcome) -> ApiError {
     ApiError::internal("kv", format!("{what} produced {outcome:?}"))
 }
@@ -94,11 +90,11 @@ impl Kv for KvService {
         let pb_req = req.into_inner();
         let cmd = put_command(&pb_req)?;
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, .. } => self
+            Route::Forward { channel, leader } => self
                 .client(channel)
                 .put(forward_request(pb_req, self.node.request_timeout))
                 .await
-                .map_err(remote),
+                .map_err(|s| forward_error(leader, s)),
             Route::Local => {
                 let want_prev = pb_req.prev_kv;
                 let resp = self.propose(cmd).await?;
@@ -119,11 +115,11 @@ impl Kv for KvService {
         let pb_req = req.into_inner();
         check_key("key", &pb_req.key)?;
         match self.read_route(pb_req.serializable, forwarded).await? {
-            Route::Forward { channel, .. } => self
+            Route::Forward { channel, leader } => self
                 .client(channel)
                 .get(forward_request(pb_req, self.node.request_timeout))
                 .await
-                .map_err(remote),
+                .map_err(|s| forward_error(leader, s)),
             Route::Local => {
                 let revision = self.node.store.revision();
                 let kv = self
@@ -161,11 +157,11 @@ impl Kv for KvService {
             n => n,
         };
         match self.read_route(pb_req.serializable, forwarded).await? {
-            Route::Forward { channel, .. } => self
+            Route::Forward { channel, leader } => self
                 .client(channel)
                 .list(forward_request(pb_req, self.node.request_timeout))
                 .await
-                .map_err(remote),
+                .map_err(|s| forward_error(leader, s)),
             Route::Local => {
                 // The header revision is taken before the read: the data is
                 // at least that new, so list-then-watch from revision+1
@@ -215,11 +211,11 @@ impl Kv for KvService {
         let pb_req = req.into_inner();
         let cmd = delete_command(&pb_req)?;
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, .. } => self
+            Route::Forward { channel, leader } => self
                 .client(channel)
                 .delete(forward_request(pb_req, self.node.request_timeout))
                 .await
-                .map_err(remote),
+                .map_err(|s| forward_error(leader, s)),
             Route::Local => {
                 let resp = self.propose(cmd).await?;
                 let Outcome::Delete { prev } = resp.outcome else {
@@ -244,11 +240,11 @@ impl Kv for KvService {
         let pb_req = req.into_inner();
         let cmd = txn_command(&pb_req)?;
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, .. } => self
+            Route::Forward { channel, leader } => self
                 .client(channel)
                 .txn(forward_request(pb_req, self.node.request_timeout))
                 .await
-                .map_err(remote),
+                .map_err(|s| forward_error(leader, s)),
             Route::Local => {
                 let resp = self.propose(cmd).await?;
                 let Outcome::Txn { succeeded, results } = resp.outcome else {
@@ -275,11 +271,11 @@ impl Kv for KvService {
         let forwarded = is_forwarded(&req);
         let pb_req = req.into_inner();
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, .. } => self
+            Route::Forward { channel, leader } => self
                 .client(channel)
                 .compact(forward_request(pb_req, self.node.request_timeout))
                 .await
-                .map_err(remote),
+                .map_err(|s| forward_error(leader, s)),
             Route::Local => {
                 let (current, compacted) = (
                     self.node.store.revision(),

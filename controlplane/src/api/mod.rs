@@ -32,6 +32,26 @@ pub fn is_forwarded<T>(req: &tonic::Request<T>) -> bool {
     req.metadata().contains_key(FORWARDED)
 }
 
+/// The status to return when forwarding to `leader` failed. A status that
+/// a trellisd produced (it carries `x-trellis-retry-safe`) passes through
+/// unchanged; anything else was produced by the local gRPC client: the
+/// leader could not be reached, or the connection broke mid-call.
+pub fn forward_error(leader: u64, status: tonic::Status) -> tonic::Status {
+    if status.metadata().contains_key("x-trellis-retry-safe") {
+        return crate::error::ApiError::Remote(status).into();
+    }
+    // tonic reports a refused or timed-out connect as "tcp connect error" /
+    // "error trying to connect": the request was never sent.
+    let message = status.message().to_string();
+    let sent = !message.contains("connect");
+    crate::error::ApiError::LeaderUnreachable {
+        leader,
+        detail: message,
+        sent,
+    }
+    .into()
+}
+
 /// Wrap `msg` for forwarding to the leader.
 pub fn forward_request<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
