@@ -662,8 +662,13 @@ impl RevisionedStore for SledStore {
     fn import(&self, body: SnapshotBody) -> Result<(), StoreError> {
         let guard = self.lock();
         let e = |what: &'static str| move |err| StoreError::sled(what, err);
-        self.tree.clear().map_err(e("clear state"))?;
+        // One atomic batch replaces everything (removals of the old keys,
+        // then the new state): a crash mid-install leaves the old state or
+        // the new one, never an empty store.
         let mut batch = sled::Batch::default();
+        for item in self.tree.iter().keys() {
+            batch.remove(item.map_err(e("scan state"))?);
+        }
         for kv in body.kvs {
             let rec = Record {
                 create_revision: kv.create_revision,
@@ -959,7 +964,12 @@ mod tests {
         f.apply(vec![put("/a", "1"), put("/b", "2"), put("/a", "3")]);
         let body = f.store.export().expect("export");
         let mut g = Fixture::new();
+        g.apply(vec![put("/stale", "old"), put("/a", "old")]);
         g.store.import(body).expect("import");
+        assert!(
+            g.store.get("/stale").expect("get").is_none(),
+            "import replaces the whole state"
+        );
         assert_eq!(g.store.revision(), 3);
         assert_eq!(
             g.store.get("/a").expect("get"),
@@ -971,6 +981,7 @@ mod tests {
         ));
         // Applying continues from the imported revision.
         g.index = 3;
+        assert_eq!(g.store.list("", None, 10).expect("list").0.len(), 2);
         assert_eq!(g.apply1(put("/c", "4")).revision, 4);
     }
 
