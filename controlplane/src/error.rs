@@ -50,6 +50,10 @@ pub enum ApiError {
     /// commit, so a blind retry of a non-idempotent write is not safe.
     #[error("{what} not confirmed within {after:?} (no quorum?); it may still take effect")]
     Timeout { what: &'static str, after: Duration },
+    /// The outcome of a proposal is unknown (leadership changed while it
+    /// was in flight): not safe to resend blindly.
+    #[error("{0}")]
+    Uncertain(String),
     /// Forwarding to the leader failed in transport. If the request was
     /// never `sent` it is safe to resend.
     #[error("cannot reach the leader (node {leader}): {detail}")]
@@ -105,7 +109,9 @@ impl ApiError {
             ApiError::Conflict { .. } => Code::FailedPrecondition,
             ApiError::Compacted { .. } | ApiError::OutOfRange(_) => Code::OutOfRange,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ApiError::NoLeader(_) | ApiError::LeaderUnreachable { .. } => Code::Unavailable,
+            ApiError::NoLeader(_) | ApiError::LeaderUnreachable { .. } | ApiError::Uncertain(_) => {
+                Code::Unavailable
+            }
             ApiError::Timeout { .. } => Code::Unavailable,
             ApiError::Remote(s) => s.code(),
             ApiError::Internal { .. } => Code::Internal,
@@ -118,12 +124,13 @@ impl From<RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>> for ApiError {
     /// `ForwardToLeader` means nothing was proposed: safe to retry.
     fn from(e: RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>) -> Self {
         match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                ApiError::NoLeader(format!(
-                    "leadership moved to {:?} before the request was proposed",
-                    f.leader_id
-                ))
-            }
+            // Not retry-safe: openraft also answers this when the entry was
+            // appended here and then truncated by a new leader, and another
+            // node may still commit it.
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ApiError::Uncertain(format!(
+                "leadership moved to {:?} while the request was in progress; it may or may not take effect",
+                f.leader_id
+            )),
             RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
                 ApiError::FailedPrecondition(e.to_string())
             }

@@ -92,9 +92,11 @@ pub fn open_with(
             what: format!("open database in {}", data_dir.display()),
             source: e,
         })?;
-    let db_file = data_dir.join("db").join("db");
-    let sync_path = (durability == Durability::Fsync).then_some(db_file.as_path());
-    let log = LogStore::new(db.clone(), sync_path)?;
+    let sync = match durability {
+        Durability::Fsync => Some(log_store::SyncTarget::open(&data_dir.join("db"))?),
+        Durability::KillSafe => None,
+    };
+    let log = LogStore::new(db.clone(), sync)?;
     let kv = std::sync::Arc::new(SledStore::new(db)?);
     let sm = StateMachine::new(kv, data_dir.join("snapshots"))?;
     Ok((log, sm))

@@ -12,8 +12,10 @@
 //! fsync. `save_vote` waits for the flusher before it returns. All trees
 //! share sled's one log, so one flush covers the state machine's writes
 //! too. sled's flush ends in `sync_file_range`, enough for a `kill -9`
-//! but not for power loss; unless [`Durability::KillSafe`] is chosen the
-//! flusher also `fdatasync`s sled's data file, once per group.
+//! but not for power loss, and sled writes records over ~1/4 segment to
+//! blob files it never syncs; unless `Durability::KillSafe` is chosen the
+//! flusher also `fdatasync`s sled's data file and any new blob files (and
+//! their directory), once per group.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -43,6 +45,68 @@ enum FlushWaiter {
     Sync(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
+/// What `fsync` durability syncs after sled's flush: sled's data file, and
+/// the blob files sled writes (unsynced) for records over ~1/4 segment.
+pub struct SyncTarget {
+    data: std::fs::File,
+    blobs_dir: std::path::PathBuf,
+    /// Blob files already synced (sled never rewrites a blob in place).
+    synced_blobs: std::collections::HashSet<std::ffi::OsString>,
+}
+
+impl SyncTarget {
+    /// Sync targets of the sled database in `db_dir`.
+    pub fn open(db_dir: &std::path::Path) -> Result<Self, StoreError> {
+        let path = db_dir.join("db");
+        let data = std::fs::File::open(&path).map_err(|source| StoreError::Io {
+            what: format!("open {} for fdatasync", path.display()),
+            source,
+        })?;
+        Ok(SyncTarget {
+            data,
+            blobs_dir: db_dir.join("blobs"),
+            synced_blobs: Default::default(),
+        })
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        self.data
+            .sync_data()
+            .map_err(|e| format!("fdatasync: {e}"))?;
+        let entries = match std::fs::read_dir(&self.blobs_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("list {}: {e}", self.blobs_dir.display())),
+        };
+        let mut present = std::collections::HashSet::new();
+        let mut new_files = false;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("list {}: {e}", self.blobs_dir.display()))?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                let path = entry.path();
+                match std::fs::File::open(&path) {
+                    Ok(f) => f
+                        .sync_data()
+                        .map_err(|e| format!("fdatasync {}: {e}", path.display()))?,
+                    // Removed since listed (sled garbage-collects blobs).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(format!("open {}: {e}", path.display())),
+                }
+                new_files = true;
+            }
+            present.insert(name);
+        }
+        if new_files {
+            std::fs::File::open(&self.blobs_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("fsync {}: {e}", self.blobs_dir.display()))?;
+        }
+        self.synced_blobs = present;
+        Ok(())
+    }
+}
+
 /// Handle to the group-commit thread. The thread ends when the last
 /// handle is dropped.
 #[derive(Clone)]
@@ -51,8 +115,9 @@ struct Flusher {
 }
 
 impl Flusher {
-    fn start(db: sled::Db, sync_file: Option<std::fs::File>) -> Result<Self, StoreError> {
+    fn start(db: sled::Db, sync_file: Option<SyncTarget>) -> Result<Self, StoreError> {
         let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
+        let mut sync_file = sync_file;
         std::thread::Builder::new()
             .name("raft-log-flush".into())
             .spawn(move || {
@@ -64,8 +129,8 @@ impl Flusher {
                     // sled's flush on Linux ends in sync_file_range, which
                     // neither flushes the device cache nor file metadata:
                     // fdatasync makes the group power-loss durable.
-                    if let (Ok(()), Some(f)) = (&result, &sync_file) {
-                        result = f.sync_data().map_err(|e| format!("fdatasync: {e}"));
+                    if let (Ok(()), Some(target)) = (&result, &mut sync_file) {
+                        result = target.sync();
                     }
                     tracing::trace!(
                         waiters = waiters.len(),
@@ -132,16 +197,10 @@ fn index_key(index: u64) -> [u8; 8] {
 }
 
 impl LogStore {
-    /// Open the log trees of `db`. With `sync_path` (sled's data file), every
-    /// group commit also `fdatasync`s it.
-    pub fn new(db: sled::Db, sync_path: Option<&std::path::Path>) -> Result<Self, StoreError> {
-        let sync_file = match sync_path {
-            None => None,
-            Some(p) => Some(std::fs::File::open(p).map_err(|source| StoreError::Io {
-                what: format!("open {} for fdatasync", p.display()),
-                source,
-            })?),
-        };
+    /// Open the log trees of `db`. With `sync` (sled's files), every group
+    /// commit also `fdatasync`s them.
+    pub fn new(db: sled::Db, sync: Option<SyncTarget>) -> Result<Self, StoreError> {
+        let sync_file = sync;
         let open = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Sled {
                 what: format!("open tree {name}"),

@@ -40,16 +40,32 @@ pub fn forward_error(leader: u64, status: tonic::Status) -> tonic::Status {
     if status.metadata().contains_key("x-trellis-retry-safe") {
         return crate::error::ApiError::Remote(status).into();
     }
-    // tonic reports a refused or timed-out connect as "tcp connect error" /
-    // "error trying to connect": the request was never sent.
     let message = status.message().to_string();
-    let sent = !message.contains("connect");
+    let sent = !never_sent(&status);
     crate::error::ApiError::LeaderUnreachable {
         leader,
         detail: message,
         sent,
     }
     .into()
+}
+
+/// Did the local gRPC client fail before the request left (connect
+/// refused / unreachable / connect timeout)? Only hyper-util's connect
+/// errors say so; anything else (e.g. "connection closed before message
+/// completed") may have reached the leader.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut texts = vec![status.message().to_string()];
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        texts.push(e.to_string());
+        source = e.source();
+    }
+    texts.iter().any(|t| {
+        t.contains("tcp connect error")
+            || t.contains("error trying to connect")
+            || t.contains("Connection refused")
+    })
 }
 
 /// Wrap `msg` for forwarding to the leader.
@@ -71,4 +87,38 @@ pub fn kv_service(node: Arc<Node>) -> KvServer<kv::KvService> {
 /// The `Cluster` service of `node`.
 pub fn cluster_service(node: Arc<Node>) -> ClusterServer<cluster::ClusterService> {
     ClusterServer::new(cluster::ClusterService::new(node))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_connect_failures_count_as_never_sent() {
+        assert!(never_sent(&tonic::Status::unavailable("tcp connect error")));
+        assert!(!never_sent(&tonic::Status::unavailable(
+            "connection closed before message completed"
+        )));
+        assert!(!never_sent(&tonic::Status::unavailable("connection error")));
+        let forwarded = forward_error(
+            3,
+            tonic::Status::unavailable("error reading a body from connection"),
+        );
+        assert_eq!(
+            forwarded
+                .metadata()
+                .get("x-trellis-retry-safe")
+                .map(|v| v.as_bytes()),
+            Some(&b"false"[..])
+        );
+        let forwarded = forward_error(3, tonic::Status::unavailable("tcp connect error"));
+        assert_eq!(
+            forwarded
+                .metadata()
+                .get("x-trellis-retry-safe")
+                .map(|v| v.as_bytes()),
+            Some(&b"true"[..])
+        );
+        assert!(forwarded.message().contains("node 3"));
+    }
 }
