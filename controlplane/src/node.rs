@@ -188,7 +188,14 @@ impl Node {
     pub async fn read_barrier(&self) -> Result<(), ApiError> {
         let b = &self.barrier;
         let arrival = b.started.load(Ordering::SeqCst);
-        let _round = b.round.lock().await;
+        let _round = tokio::time::timeout(self.request_timeout, b.round.lock())
+            .await
+            .map_err(|_| {
+                ApiError::NoLeader(format!(
+                    "no read-index round completed within {:?}",
+                    self.request_timeout
+                ))
+            })?;
         if b.completed.load(Ordering::SeqCst) > arrival {
             return Ok(());
         }

@@ -38,6 +38,8 @@ type Reply = oneshot::Sender<Result<CommandResponse, ApiError>>;
 /// Handle to the batching task.
 pub struct Proposer {
     tx: mpsc::Sender<(Command, Reply)>,
+    /// How long a caller waits for room in the queue.
+    timeout: Duration,
 }
 
 fn size_of(cmd: &Command) -> usize {
@@ -78,6 +80,7 @@ impl Proposer {
     /// Start the batching task for `raft`; proposals give up after
     /// `timeout`.
     pub fn start(raft: Raft, timeout: Duration) -> Self {
+        let queue_timeout = timeout;
         let (tx, mut rx) = mpsc::channel::<(Command, Reply)>(QUEUE);
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -105,16 +108,25 @@ impl Proposer {
                 });
             }
         });
-        Proposer { tx }
+        Proposer {
+            tx,
+            timeout: queue_timeout,
+        }
     }
 
     /// Propose `cmd` and wait for its result.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, ApiError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send((cmd, reply))
-            .await
-            .map_err(|_| ApiError::internal("proposer", "the proposal task stopped"))?;
+        match tokio::time::timeout(self.timeout, self.tx.send((cmd, reply))).await {
+            Err(_) => {
+                return Err(ApiError::NoLeader(format!(
+                    "the write queue stayed full for {:?}",
+                    self.timeout
+                )))
+            }
+            Ok(Err(_)) => return Err(ApiError::internal("proposer", "the proposal task stopped")),
+            Ok(Ok(())) => {}
+        }
         rx.await
             .map_err(|_| ApiError::internal("proposer", "the proposal was dropped"))?
     }
@@ -122,7 +134,14 @@ impl Proposer {
 
 #[tracing::instrument(level = "debug", skip_all, fields(commands = batch.len()))]
 async fn propose(raft: &Raft, batch: Vec<(Command, Reply)>, timeout: Duration) {
-    let (commands, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+    // Callers that gave up (deadline, disconnect) are not proposed for.
+    let (commands, replies): (Vec<Command>, Vec<Reply>) = batch
+        .into_iter()
+        .filter(|(_, reply)| !reply.is_closed())
+        .unzip();
+    if commands.is_empty() {
+        return;
+    }
     let what = match commands.as_slice() {
         [one] => one.kind(),
         _ => "batch of writes",

@@ -28,10 +28,13 @@ struct SnapshotFile {
     data: Vec<u8>,
 }
 
-/// The directory holding a node's current snapshot.
+/// The directory holding a node's current snapshot. Clones share one lock:
+/// openraft builds snapshots in a task of their own while it may install
+/// a received one.
 #[derive(Debug, Clone)]
 pub struct SnapshotDir {
     dir: PathBuf,
+    lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -43,15 +46,31 @@ impl SnapshotDir {
     /// Use (and create) `dir`.
     pub fn new(dir: PathBuf) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
-        Ok(SnapshotDir { dir })
+        Ok(SnapshotDir {
+            dir,
+            lock: Default::default(),
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.dir
     }
 
-    /// Atomically replace the current snapshot.
-    pub fn save(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StoreError> {
+    /// Atomically replace the current snapshot, unless the current one
+    /// already covers more of the log (a build that started before an
+    /// install must not overwrite it). Returns whether it was saved.
+    pub fn save(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<bool, StoreError> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((current, _)) = self.load()? {
+            if current.last_log_id > meta.last_log_id {
+                tracing::info!(
+                    kept = %current.snapshot_id,
+                    dropped = %meta.snapshot_id,
+                    "not replacing a newer snapshot"
+                );
+                return Ok(false);
+            }
+        }
         let file = SnapshotFile {
             meta: meta.clone(),
             data: data.to_vec(),
@@ -72,7 +91,7 @@ impl SnapshotDir {
             std::fs::File::open(&self.dir).map_err(io(format!("open {}", self.dir.display())))?;
         d.sync_all()
             .map_err(io(format!("fsync {}", self.dir.display())))?;
-        Ok(())
+        Ok(true)
     }
 
     /// The current snapshot, if any.
@@ -85,5 +104,34 @@ impl SnapshotDir {
         };
         let file: SnapshotFile = decode("snapshot file", &bytes)?;
         Ok(Some((file.meta, file.data)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, LogId};
+
+    fn meta(index: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), index)),
+            last_membership: Default::default(),
+            snapshot_id: format!("s{index}"),
+        }
+    }
+
+    #[test]
+    fn an_older_snapshot_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snaps = SnapshotDir::new(dir.path().join("snap")).expect("dir");
+        assert!(snaps.save(&meta(10), b"ten").expect("save"));
+        assert!(!snaps.save(&meta(5), b"five").expect("save"));
+        let (m, data) = snaps.load().expect("load").expect("present");
+        assert_eq!(
+            (m.snapshot_id.as_str(), data.as_slice()),
+            ("s10", &b"ten"[..])
+        );
+        assert!(snaps.save(&meta(12), b"twelve").expect("save"));
+        assert_eq!(snaps.load().expect("load").expect("present").1, b"twelve");
     }
 }

@@ -55,13 +55,55 @@ pub struct StateMachine {
 impl StateMachine {
     /// A state machine over `store`, keeping snapshots in `snapshot_dir`.
     pub fn new(store: Arc<dyn RevisionedStore>, snapshot_dir: PathBuf) -> Result<Self, StoreError> {
-        let applied = store.applied_state()?.0.map_or(0, |l| l.index);
-        Ok(StateMachine {
+        let (last_applied, _) = store.applied_state()?;
+        let applied = last_applied.map_or(0, |l| l.index);
+        let sm = StateMachine {
             store,
             snapshots: SnapshotDir::new(snapshot_dir)?,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             applied_tx: Arc::new(watch::channel(applied).0),
-        })
+        };
+        // A crash between installing a snapshot into the store and saving
+        // its file leaves the file behind the state, and openraft may purge
+        // the log up to the state: rebuild the file from the state then.
+        if let Some(meta) = sm.current_snapshot_meta()? {
+            if meta.last_log_id < last_applied {
+                tracing::warn!(snapshot = %meta.snapshot_id, "snapshot file is behind the state; rebuilding it");
+                sm.write_snapshot()?;
+            }
+        }
+        Ok(sm)
+    }
+
+    /// Export the store, save it as the current snapshot, return it.
+    fn write_snapshot(&self) -> Result<(SnapshotMeta, Vec<u8>), StoreError> {
+        let body = self.store.export()?;
+        let data = encode("snapshot", &body)?;
+        // Everything the snapshot covers must be durable in the store
+        // before openraft purges the log behind it.
+        self.store.flush()?;
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match body.last_applied {
+            Some(id) => format!(
+                "{}-{}-{}-{seq}",
+                id.leader_id.term, id.leader_id.node_id, id.index
+            ),
+            None => format!("0-0-0-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: body.last_applied,
+            last_membership: body.membership.clone(),
+            snapshot_id,
+        };
+        self.snapshots.save(&meta, &data)?;
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            revision = body.revision,
+            keys = body.kvs.len(),
+            bytes = data.len(),
+            "built snapshot"
+        );
+        Ok((meta, data))
     }
 
     /// Follows the index of the last applied log entry.
@@ -83,39 +125,11 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     #[tracing::instrument(level = "info", skip(self))]
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
-        let store = self.store.clone();
-        let (body, data) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-            let body = store.export()?;
-            let data = encode("snapshot", &body)?;
-            // Everything the snapshot covers must be durable in the store
-            // before openraft purges the log behind it.
-            store.flush()?;
-            Ok((body, data))
-        })
-        .await
-        .map_err(|e| snap_write(std::io::Error::other(e.to_string())))?
-        .map_err(snap_write)?;
-        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let snapshot_id = match body.last_applied {
-            Some(id) => format!(
-                "{}-{}-{}-{seq}",
-                id.leader_id.term, id.leader_id.node_id, id.index
-            ),
-            None => format!("0-0-0-{seq}"),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: body.last_applied,
-            last_membership: body.membership.clone(),
-            snapshot_id,
-        };
-        self.snapshots.save(&meta, &data).map_err(snap_write)?;
-        tracing::info!(
-            snapshot = %meta.snapshot_id,
-            revision = body.revision,
-            keys = body.kvs.len(),
-            bytes = data.len(),
-            "built snapshot"
-        );
+        let sm = self.clone();
+        let (meta, data) = tokio::task::spawn_blocking(move || sm.write_snapshot())
+            .await
+            .map_err(|e| snap_write(std::io::Error::other(e.to_string())))?
+            .map_err(snap_write)?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),

@@ -687,6 +687,10 @@ impl RevisionedStore for SledStore {
         };
         batch.insert(META_KEY, encode("state machine meta", &meta)?);
         batch.insert(MEMBERSHIP_KEY, encode("membership", &body.membership)?);
+        // Raise the compact revision before the history disappears, so a
+        // watcher reading meanwhile is told "compacted", not a gap.
+        self.compact_revision
+            .fetch_max(body.revision, Ordering::AcqRel);
         self.tree.apply_batch(batch).map_err(e("import"))?;
         self.db.flush().map_err(e("flush after import"))?;
         self.revision.store(body.revision, Ordering::Release);

@@ -266,11 +266,19 @@ impl Cluster for ClusterService {
                 leader_id: self.node.id,
             }));
         }
-        let result = transfer(&self.node, r.node_id, &target.raft_addr).await;
-        // Whatever happened, this node must be able to lead again later.
-        self.node.raft.runtime_config().heartbeat(true);
-        self.node.raft.runtime_config().elect(true);
-        result?;
+        // In a task of its own: if this RPC is cancelled (client deadline),
+        // the transfer still ends by re-enabling heartbeats and elections.
+        let node = self.node.clone();
+        let (to, addr) = (r.node_id, target.raft_addr.clone());
+        tokio::spawn(async move {
+            let result = transfer(&node, to, &addr).await;
+            // Whatever happened, this node must be able to lead again later.
+            node.raft.runtime_config().heartbeat(true);
+            node.raft.runtime_config().elect(true);
+            result
+        })
+        .await
+        .map_err(|e| ApiError::internal("leader transfer", e))??;
         Ok(Response::new(pb::TransferLeaderResponse {
             leader_id: r.node_id,
         }))
