@@ -48,6 +48,10 @@ pub const DEFAULT_LOGS_KEPT_AFTER_SNAPSHOT: u64 = 5_000;
 /// Time for one snapshot chunk to be accepted. openraft's 200 ms default
 /// resends slow chunks forever on a loaded machine (see DEPENDENCIES.md).
 pub const DEFAULT_INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 5_000;
+/// Entries per AppendEntries message. An entry is a batch of at most
+/// ~4 MiB (see `proposer`), so 64 keeps a message under ~256 MiB, half the
+/// peer message limit; openraft's default of 300 could exceed it.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 64;
 /// How long an API call waits for the cluster (leader election, commit)
 /// before answering UNAVAILABLE: several election rounds.
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
@@ -260,6 +264,7 @@ impl NodeConfig {
             install_snapshot_timeout: r.install_snapshot_timeout_ms,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_logs),
             max_in_snapshot_log_to_keep: r.logs_kept_after_snapshot,
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
             ..Default::default()
         }
         .validate()

@@ -27,8 +27,9 @@ use crate::error::ApiError;
 pub const MAX_IN_FLIGHT: usize = 2;
 /// Most commands in one entry.
 pub const MAX_BATCH_COMMANDS: usize = 512;
-/// Most payload bytes in one entry (a batch always takes at least one
-/// command): keeps entries and their replication messages moderate.
+/// Most payload bytes in one entry; a single command may exceed it alone
+/// (a txn is capped at `MAX_TXN_BYTES`, a put at 1 MiB + key). With
+/// `MAX_PAYLOAD_ENTRIES` per append this bounds replication messages.
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Commands waiting for a proposal slot before callers feel backpressure.
 const QUEUE: usize = 16 * 1024;
@@ -84,7 +85,16 @@ impl Proposer {
         let (tx, mut rx) = mpsc::channel::<(Command, Reply)>(QUEUE);
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-            while let Some(first) = rx.recv().await {
+            // A command that did not fit the previous batch opens the next.
+            let mut carried: Option<(Command, Reply)> = None;
+            loop {
+                let first = match carried.take() {
+                    Some(item) => item,
+                    None => match rx.recv().await {
+                        Some(item) => item,
+                        None => return,
+                    },
+                };
                 // Wait for a slot before draining: while slots are taken,
                 // commands accumulate and the next batch carries them all.
                 let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -92,14 +102,15 @@ impl Proposer {
                 };
                 let mut bytes = size_of(&first.0);
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
-                    match rx.try_recv() {
-                        Ok(item) => {
-                            bytes += size_of(&item.0);
-                            batch.push(item);
-                        }
-                        Err(_) => break,
+                while batch.len() < MAX_BATCH_COMMANDS {
+                    let Ok(item) = rx.try_recv() else { break };
+                    let size = size_of(&item.0);
+                    if bytes + size > MAX_BATCH_BYTES {
+                        carried = Some(item);
+                        break;
                     }
+                    bytes += size;
+                    batch.push(item);
                 }
                 let raft = raft.clone();
                 tokio::spawn(async move {

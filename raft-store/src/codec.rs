@@ -33,3 +33,18 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
         source,
     })
 }
+
+/// Decode a `T` from the start of `bytes`, ignoring what follows (reads
+/// the leading fields of a larger record without decoding the rest).
+pub fn decode_prefix<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, CodecError> {
+    postcard::take_from_bytes(bytes)
+        .map(|(value, _rest)| value)
+        .map_err(|source| CodecError {
+            op: "decode",
+            what,
+            source,
+        })
+}

@@ -30,7 +30,7 @@ use std::io::Cursor;
 
 pub use log_store::LogStore;
 pub use state_machine::StateMachine;
-pub use store::{HistoryPage, RevisionedStore, SledStore, StoreError};
+pub use store::{HistoryPage, ListPage, RevisionedStore, SledStore, StoreError};
 pub use types::*;
 
 openraft::declare_raft_types!(

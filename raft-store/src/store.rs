@@ -13,13 +13,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::RwLock;
 
 use openraft::EntryPayload;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::codec::{decode, encode, CodecError};
+use crate::codec::{decode, decode_prefix, encode, CodecError};
 use crate::types::*;
 use crate::{Entry, LogId, StoredMembership};
 
@@ -84,6 +84,20 @@ pub struct HistoryPage {
     pub scanned_to: u64,
 }
 
+/// A page of keys.
+#[derive(Debug, Default)]
+pub struct ListPage {
+    pub kvs: Vec<KeyValue>,
+    /// More keys follow (after the last one in `kvs`).
+    pub more: bool,
+    /// The revision the page was read at.
+    pub revision: u64,
+}
+
+/// History read per `events_since` call stops after about this many bytes
+/// of events (always at least one revision): bounds a watcher's memory.
+pub const HISTORY_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
 /// A consistent copy of the whole state machine, as carried in snapshots.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotBody {
@@ -106,14 +120,18 @@ pub trait RevisionedStore: Send + Sync + 'static {
     /// History holds every revision above this one.
     fn compact_revision(&self) -> u64;
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
-    /// Keys with `prefix`, after `start_after` if given, at most `limit`.
-    /// The bool is true when more keys follow.
+    /// Keys with `prefix`, after `start_after` if given, at most `limit`
+    /// and about `max_bytes` of keys and values (always at least one key),
+    /// values left out with `keys_only`. Read as of one revision (no apply
+    /// lands in the middle), which the page carries.
     fn list(
         &self,
         prefix: &str,
         start_after: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<KeyValue>, bool), StoreError>;
+        max_bytes: usize,
+        keys_only: bool,
+    ) -> Result<ListPage, StoreError>;
     /// Events of revisions after `after` whose keys start with `prefix`,
     /// at most `max_revisions` revisions examined.
     fn events_since(
@@ -154,6 +172,14 @@ impl Record {
             version: self.version,
         }
     }
+}
+
+/// The leading fields of a [`Record`], decoded without its value.
+#[derive(Debug, Deserialize)]
+struct RecordHead {
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
 }
 
 /// Counters written with every apply batch.
@@ -203,8 +229,9 @@ pub struct SledStore {
     tree: sled::Tree,
     revision: AtomicU64,
     compact_revision: AtomicU64,
-    /// Serialises apply, export and import so an export sees one state.
-    write_lock: Mutex<()>,
+    /// Apply and import write under it; export and list read under it, so
+    /// they see one state.
+    state_lock: RwLock<()>,
     applied_tx: watch::Sender<u64>,
 }
 
@@ -415,15 +442,19 @@ impl SledStore {
             tree,
             revision: AtomicU64::new(meta.revision),
             compact_revision: AtomicU64::new(meta.compact_revision),
-            write_lock: Mutex::new(()),
+            state_lock: RwLock::new(()),
             applied_tx,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
         // A panic while holding the lock cannot leave sled half-written
         // (batches are atomic), so a poisoned lock is still usable.
-        self.write_lock.lock().unwrap_or_else(|p| p.into_inner())
+        self.state_lock.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.state_lock.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn meta(&self) -> Result<SmMeta, StoreError> {
@@ -571,25 +602,47 @@ impl RevisionedStore for SledStore {
         prefix: &str,
         start_after: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<KeyValue>, bool), StoreError> {
+        max_bytes: usize,
+        keys_only: bool,
+    ) -> Result<ListPage, StoreError> {
         use std::ops::Bound;
+        let _guard = self.read_lock();
         let lower = match start_after {
             Some(after) if after >= prefix => Bound::Excluded(data_key(after)),
             _ => Bound::Included(data_key(prefix)),
         };
         let full_prefix = data_key(prefix);
-        let mut out = Vec::new();
+        let mut page = ListPage {
+            revision: self.revision(),
+            ..ListPage::default()
+        };
+        let mut bytes = 0usize;
         for item in self.tree.range::<Vec<u8>, _>((lower, Bound::Unbounded)) {
             let (k, v) = item.map_err(|e| StoreError::sled("list", e))?;
             if !k.starts_with(&full_prefix) {
                 break;
             }
-            if out.len() == limit {
-                return Ok((out, true));
+            if page.kvs.len() == limit || (bytes >= max_bytes && !page.kvs.is_empty()) {
+                page.more = true;
+                break;
             }
-            out.push(decode::<Record>("kv record", &v)?.into_kv(key_of(&k)?));
+            let key = key_of(&k)?;
+            let kv = if keys_only {
+                let head: RecordHead = decode_prefix("kv record", &v)?;
+                KeyValue {
+                    key: key.to_string(),
+                    value: Vec::new(),
+                    create_revision: head.create_revision,
+                    mod_revision: head.mod_revision,
+                    version: head.version,
+                }
+            } else {
+                decode::<Record>("kv record", &v)?.into_kv(key)
+            };
+            bytes += kv.key.len() + kv.value.len();
+            page.kvs.push(kv);
         }
-        Ok((out, false))
+        Ok(page)
     }
 
     fn events_since(
@@ -610,6 +663,7 @@ impl RevisionedStore for SledStore {
             revisions: Vec::new(),
             scanned_to: after,
         };
+        let mut page_bytes = 0usize;
         let range = history_key(after.saturating_add(1))..=history_key(u64::MAX);
         for item in self.tree.range(range).take(max_revisions) {
             let (k, v) = item.map_err(|e| StoreError::sled("read history", e))?;
@@ -618,7 +672,11 @@ impl RevisionedStore for SledStore {
                 // A hole: trimmed under us, or an import replaced history.
                 break;
             }
+            if page_bytes >= HISTORY_PAGE_BYTES && !page.revisions.is_empty() {
+                break;
+            }
             page.scanned_to = revision;
+            page_bytes += v.len();
             let events: Vec<Event> = decode("history", &v)?;
             let events: Vec<Event> = events
                 .into_iter()
@@ -642,7 +700,7 @@ impl RevisionedStore for SledStore {
     }
 
     fn export(&self) -> Result<SnapshotBody, StoreError> {
-        let guard = self.lock();
+        let guard = self.read_lock();
         let (last_applied, membership) = self.applied_state()?;
         let revision = self.revision();
         let mut kvs = Vec::new();
@@ -985,7 +1043,17 @@ mod tests {
         ));
         // Applying continues from the imported revision.
         g.index = 3;
-        assert_eq!(g.store.list("", None, 10).expect("list").0.len(), 2);
+        assert_eq!(
+            g.store
+                .list("", None, 10, usize::MAX, false)
+                .expect("list")
+                .kvs
+                .len(),
+            2
+        );
+        let page = g.store.list("", None, 10, 1, true).expect("list");
+        assert_eq!(page.kvs.len(), 1, "byte budget stops after one key");
+        assert!(page.more && page.kvs[0].value.is_empty() && page.kvs[0].mod_revision > 0);
         assert_eq!(g.apply1(put("/c", "4")).revision, 4);
     }
 

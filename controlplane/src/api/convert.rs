@@ -10,6 +10,9 @@ use crate::error::{ApiError, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 
 /// Most operations in one txn (per branch), as etcd's `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
+/// Most bytes of keys and values in one txn (all branches and compares):
+/// bounds the size of a Raft entry and of its replication messages.
+pub const MAX_TXN_BYTES: usize = 4 * 1024 * 1024;
 /// Most compares in one txn.
 pub const MAX_TXN_COMPARES: usize = 128;
 
@@ -159,6 +162,28 @@ pub fn txn_command(r: &pb::TxnRequest) -> Result<Command, ApiError> {
                 op,
             });
         }
+        let op_bytes = |op: &pb::TxnOp| match &op.op {
+            Some(pb::txn_op::Op::Put(p)) => p.key.len() + p.value.len(),
+            Some(pb::txn_op::Op::Delete(d)) => d.key.len(),
+            Some(pb::txn_op::Op::Get(g)) => g.key.len(),
+            None => 0,
+        };
+        let total: usize = r
+            .compare
+            .iter()
+            .map(|c| c.key.len() + c.value.len())
+            .sum::<usize>()
+            + r.success
+                .iter()
+                .chain(&r.failure)
+                .map(op_bytes)
+                .sum::<usize>();
+        if total > MAX_TXN_BYTES {
+            return Err(ApiError::invalid(
+                "txn",
+                format!("{total} bytes of keys and values; the limit is {MAX_TXN_BYTES}"),
+            ));
+        }
         Ok(Command::Txn {
             compare,
             success: txn_ops("success", &r.success)?,
@@ -259,5 +284,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("compare[0].target"));
+        let big = |i: usize| pb::TxnOp {
+            op: Some(pb::txn_op::Op::Put(pb::PutRequest {
+                key: format!("k{i}"),
+                value: vec![0; MAX_VALUE_BYTES],
+                ..Default::default()
+            })),
+        };
+        let req = pb::TxnRequest {
+            success: (0..5).map(big).collect(),
+            ..Default::default()
+        };
+        let err = txn_command(&req).unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid argument: txn:") && err.contains("limit is 4194304"),
+            "{err}"
+        );
     }
 }

@@ -163,39 +163,29 @@ impl Kv for KvService {
                 .await
                 .map_err(|s| forward_error(leader, s)),
             Route::Local => {
-                // The header revision is taken before the read: the data is
-                // at least that new, so list-then-watch from revision+1
-                // misses nothing.
-                let revision = self.node.store.revision();
+                // The page is read as of one revision (no apply lands in
+                // the middle), which the header carries: list-then-watch
+                // from revision + 1 misses nothing and sees nothing twice.
                 let start_after =
                     (!pb_req.page_token.is_empty()).then_some(pb_req.page_token.as_str());
-                let (kvs, mut more) = self
+                let page = self
                     .node
                     .store
-                    .list(&pb_req.prefix, start_after, limit)
+                    .list(
+                        &pb_req.prefix,
+                        start_after,
+                        limit,
+                        LIST_MAX_BYTES,
+                        pb_req.keys_only,
+                    )
                     .map_err(|e| ApiError::internal("store list", e))?;
-                let mut out = Vec::with_capacity(kvs.len());
-                let mut bytes = 0usize;
-                let total = kvs.len();
-                for mut kv in kvs {
-                    bytes += kv.value.len() + kv.key.len();
-                    if pb_req.keys_only {
-                        kv.value.clear();
-                    }
-                    out.push(kv_to_pb(kv));
-                    if bytes > LIST_MAX_BYTES && out.len() < total {
-                        more = true;
-                        break;
-                    }
-                }
-                let next_page_token = if more {
-                    out.last().map(|kv| kv.key.clone()).unwrap_or_default()
-                } else {
-                    String::new()
+                let next_page_token = match (page.more, page.kvs.last()) {
+                    (true, Some(last)) => last.key.clone(),
+                    _ => String::new(),
                 };
                 Ok(Response::new(pb::ListResponse {
-                    header: Some(self.node.header(revision)),
-                    kvs: out,
+                    header: Some(self.node.header(page.revision)),
+                    kvs: page.kvs.into_iter().map(kv_to_pb).collect(),
                     next_page_token,
                 }))
             }
