@@ -110,10 +110,28 @@ fn txn_ops(branch: &str, ops: &[pb::TxnOp]) -> Result<Vec<TxnOp>, ApiError> {
             format!("{} operations; the limit is {MAX_TXN_OPS}", ops.len()),
         ));
     }
-    ops.iter()
+    let ops: Vec<TxnOp> = ops
+        .iter()
         .enumerate()
         .map(|(i, op)| txn_op(&format!("{branch}[{i}]"), op))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    // Like etcd: a branch may change a key at most once, so one revision
+    // holds at most one event per key.
+    let mut written = std::collections::HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        let (kind, key) = match op {
+            TxnOp::Put { key, .. } => ("put", key),
+            TxnOp::Delete { key } => ("delete", key),
+            TxnOp::Get { .. } => continue,
+        };
+        if let Some(first) = written.insert(key.as_str(), i) {
+            return Err(ApiError::invalid(
+                format!("{branch}[{i}].{kind}.key"),
+                format!("{key:?} is already changed by {branch}[{first}]; a txn branch may change a key once"),
+            ));
+        }
+    }
+    Ok(ops)
 }
 
 /// A validated `Txn` command.
