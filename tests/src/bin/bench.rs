@@ -862,7 +862,8 @@ struct FailoverReport<'a> {
 struct Writer {
     stop: AtomicBool,
     preferred: AtomicUsize,
-    acks: Mutex<Vec<Instant>>,
+    /// (issued, acknowledged) of every successful put.
+    acks: Mutex<Vec<(Instant, Instant)>>,
     errors: AtomicU64,
 }
 
@@ -871,13 +872,16 @@ impl Writer {
         self.acks.lock().map_or(0, |a| a.len())
     }
 
+    /// The first acknowledgement of a put *issued* after `t` (a put sent
+    /// before the kill may still be answered after it: it says nothing
+    /// about the new leader).
     fn first_ack_after(&self, t: Instant) -> Option<Instant> {
         self.acks
             .lock()
             .ok()?
             .iter()
-            .copied()
-            .filter(|&a| a > t)
+            .filter(|(issued, _)| *issued > t)
+            .map(|(_, acked)| *acked)
             .min()
     }
 }
@@ -983,10 +987,11 @@ async fn failover_once(
                 tokio::spawn(async move {
                     let _permit = permit;
                     let key = format!("failover/{run}/{}", n % 1000);
+                    let issued = Instant::now();
                     match tokio::time::timeout(timeout, kv.put(key, value)).await {
                         Ok(Ok(_)) => {
                             if let Ok(mut acks) = w.acks.lock() {
-                                acks.push(Instant::now());
+                                acks.push((issued, Instant::now()));
                             }
                         }
                         _ => {
