@@ -1203,3 +1203,42 @@ async fn watch_resumes_on_next_endpoint_without_duplicates() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_init_forms_a_five_node_cluster() -> Result<()> {
+    let cluster = Cluster::spawn_unformed(trellis_tests::ClusterOptions {
+        nodes: 5,
+        ..Default::default()
+    })
+    .await?;
+    let ctl = Ctl::for_cluster(&cluster)?;
+    ctl.run(&["cluster", "init"]).await?.expect_ok()?;
+    // A second init is refused rather than forming a second cluster.
+    let again = ctl.run(&["cluster", "init"]).await?;
+    ensure!(
+        again.code != Some(0) || again.stderr.contains("already"),
+        "{again}"
+    );
+    let leader = cluster.wait_converged().await?;
+    let run = ctl.run(&["member", "list", "-o", "json"]).await?;
+    run.expect_ok()?;
+    let doc = run.json()?;
+    let members = array_field(&doc, "members")?;
+    ensure!(members.len() == 5, "{run}");
+    for m in members {
+        ensure!(bool_field(m, "voter")?, "not a voter: {m}");
+    }
+    ensure!(u64_field(&doc, "leader_id")? == leader, "{run}");
+    // Writes go through with two of five nodes down.
+    let mut cluster = cluster;
+    let followers: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    cluster.kill(followers[0]).await?;
+    cluster.kill(followers[1]).await?;
+    let ctl = Ctl::new(cluster.admin_addr(leader).to_string())?;
+    ctl.run(&["put", "/five", "ok"]).await?.expect_ok()?;
+    Ok(())
+}
