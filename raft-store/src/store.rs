@@ -244,6 +244,34 @@ struct Pending<'a> {
 }
 
 impl Pending<'_> {
+    /// A key's revisions without its value (cheaper: the value is not
+    /// decoded or copied).
+    fn head(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let head = |create_revision, mod_revision, version| KeyValue {
+            key: key.to_string(),
+            value: Vec::new(),
+            create_revision,
+            mod_revision,
+            version,
+        };
+        if let Some(pending) = self.overlay.get(key) {
+            return Ok(pending
+                .as_ref()
+                .map(|r| head(r.create_revision, r.mod_revision, r.version)));
+        }
+        match self
+            .tree
+            .get(data_key(key))
+            .map_err(|e| StoreError::sled("read during apply", e))?
+        {
+            None => Ok(None),
+            Some(bytes) => {
+                let h: RecordHead = decode_prefix("kv record", &bytes)?;
+                Ok(Some(head(h.create_revision, h.mod_revision, h.version)))
+            }
+        }
+    }
+
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         if let Some(pending) = self.overlay.get(key) {
             return Ok(pending.clone().map(|r| r.into_kv(key)));
@@ -281,8 +309,18 @@ impl CommandTx<'_, '_> {
         self.revision
     }
 
-    fn put(&mut self, key: &str, value: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        let prev = self.get(key)?;
+    /// `want_prev`: return the previous value too (else revisions only).
+    fn put(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        want_prev: bool,
+    ) -> Result<Option<KeyValue>, StoreError> {
+        let prev = if want_prev {
+            self.get(key)?
+        } else {
+            self.pending.head(key)?
+        };
         let rev = self.next_revision();
         let rec = Record {
             create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
@@ -301,8 +339,12 @@ impl CommandTx<'_, '_> {
         Ok(prev)
     }
 
-    fn delete(&mut self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let prev = self.get(key)?;
+    fn delete(&mut self, key: &str, want_prev: bool) -> Result<Option<KeyValue>, StoreError> {
+        let prev = if want_prev {
+            self.get(key)?
+        } else {
+            self.pending.head(key)?
+        };
         if prev.is_some() {
             let rev = self.next_revision();
             self.pending.batch.remove(data_key(key));
@@ -322,10 +364,10 @@ impl CommandTx<'_, '_> {
     fn run_op(&mut self, op: &TxnOp) -> Result<TxnOpResult, StoreError> {
         Ok(match op {
             TxnOp::Put { key, value } => TxnOpResult::Put {
-                prev: self.put(key, value)?,
+                prev: self.put(key, value, true)?,
             },
             TxnOp::Delete { key } => TxnOpResult::Delete {
-                prev: self.delete(key)?,
+                prev: self.delete(key, true)?,
             },
             TxnOp::Get { key } => TxnOpResult::Get { kv: self.get(key)? },
         })
@@ -339,7 +381,7 @@ impl CommandTx<'_, '_> {
         let Some(expected) = expected else {
             return Ok(Ok(()));
         };
-        let current = self.get(key)?.map_or(0, |kv| kv.mod_revision);
+        let current = self.pending.head(key)?.map_or(0, |kv| kv.mod_revision);
         if current == expected {
             Ok(Ok(()))
         } else {
@@ -360,23 +402,25 @@ impl CommandTx<'_, '_> {
                 key,
                 value,
                 expected_mod_revision,
+                prev_kv,
             } => {
                 if let Err(conflict) = self.check_expected(key, *expected_mod_revision)? {
                     return Ok(conflict);
                 }
                 Ok(Outcome::Put {
-                    prev: self.put(key, value)?,
+                    prev: self.put(key, value, *prev_kv)?,
                 })
             }
             Command::Delete {
                 key,
                 expected_mod_revision,
+                prev_kv,
             } => {
                 if let Err(conflict) = self.check_expected(key, *expected_mod_revision)? {
                     return Ok(conflict);
                 }
                 Ok(Outcome::Delete {
-                    prev: self.delete(key)?,
+                    prev: self.delete(key, *prev_kv)?,
                 })
             }
             Command::Txn {
@@ -826,6 +870,7 @@ mod tests {
             key: key.into(),
             value: value.as_bytes().to_vec(),
             expected_mod_revision: None,
+            prev_kv: true,
         }
     }
 
@@ -841,12 +886,14 @@ mod tests {
         let r = f.apply1(Command::Delete {
             key: "/nope".into(),
             expected_mod_revision: None,
+            prev_kv: true,
         });
         assert_eq!(r.revision, 3);
         assert_eq!(r.outcome, Outcome::Delete { prev: None });
         let r = f.apply1(Command::Delete {
             key: "/a".into(),
             expected_mod_revision: None,
+            prev_kv: true,
         });
         assert_eq!(r.revision, 4);
         // Re-created key starts a new life.
@@ -864,6 +911,7 @@ mod tests {
             key: "/k".into(),
             value: b"v2".to_vec(),
             expected_mod_revision: Some(7),
+            prev_kv: true,
         });
         assert_eq!(
             r.outcome,
@@ -877,6 +925,7 @@ mod tests {
             key: "/k".into(),
             value: b"v2".to_vec(),
             expected_mod_revision: Some(1),
+            prev_kv: true,
         });
         assert!(matches!(r.outcome, Outcome::Put { prev: Some(_) }));
         // Create-only.
@@ -884,6 +933,7 @@ mod tests {
             key: "/k".into(),
             value: b"v3".to_vec(),
             expected_mod_revision: Some(0),
+            prev_kv: true,
         });
         assert!(matches!(
             r.outcome,
@@ -994,6 +1044,7 @@ mod tests {
                         key: "/b/1".into(),
                         value: b"lost".to_vec(),
                         expected_mod_revision: Some(0),
+                        prev_kv: true,
                     },
                     put("/b/2", "b"),
                 ],

@@ -72,11 +72,15 @@ pub enum Command {
         #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         expected_mod_revision: Option<u64>,
+        /// Return the previous value (else only its revisions are read).
+        prev_kv: bool,
     },
     /// Remove `key`; with `expected_mod_revision`, only if it matches.
     Delete {
         key: String,
         expected_mod_revision: Option<u64>,
+        /// Return the deleted value (else only its revisions are read).
+        prev_kv: bool,
     },
     /// If all compares hold run `success`, else `failure`, atomically.
     Txn {

@@ -41,29 +41,33 @@ pub fn check_value(field: &str, value: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A validated `Put` command (the domain type lives in the store crate, so
-/// these are functions rather than `TryFrom` impls).
-pub fn put_command(r: &pb::PutRequest) -> Result<Command, ApiError> {
-    {
-        check_key("key", &r.key)?;
-        check_value("value", &r.value)?;
-        Ok(Command::Put {
-            key: r.key.clone(),
-            value: r.value.clone(),
-            expected_mod_revision: r.expected_mod_revision,
-        })
-    }
+/// Validate a put (before routing: bad input is not forwarded).
+pub fn check_put(r: &pb::PutRequest) -> Result<(), ApiError> {
+    check_key("key", &r.key)?;
+    check_value("value", &r.value)
+}
+
+/// A validated `Put` command, taking the request's buffers (the domain
+/// type lives in the store crate, so these are functions rather than
+/// `TryFrom` impls).
+pub fn put_command(r: pb::PutRequest) -> Result<Command, ApiError> {
+    check_put(&r)?;
+    Ok(Command::Put {
+        key: r.key,
+        value: r.value,
+        expected_mod_revision: r.expected_mod_revision,
+        prev_kv: r.prev_kv,
+    })
 }
 
 /// A validated `Delete` command.
-pub fn delete_command(r: &pb::DeleteRequest) -> Result<Command, ApiError> {
-    {
-        check_key("key", &r.key)?;
-        Ok(Command::Delete {
-            key: r.key.clone(),
-            expected_mod_revision: r.expected_mod_revision,
-        })
-    }
+pub fn delete_command(r: pb::DeleteRequest) -> Result<Command, ApiError> {
+    check_key("key", &r.key)?;
+    Ok(Command::Delete {
+        key: r.key,
+        expected_mod_revision: r.expected_mod_revision,
+        prev_kv: r.prev_kv,
+    })
 }
 
 fn txn_op(field: &str, op: &pb::TxnOp) -> Result<TxnOp, ApiError> {
@@ -250,13 +254,13 @@ mod tests {
 
     #[test]
     fn put_validation_names_fields() {
-        let err = put_command(&pb::PutRequest::default()).unwrap_err();
+        let err = put_command(pb::PutRequest::default()).unwrap_err();
         assert_eq!(err.to_string(), "invalid argument: key: must not be empty");
         let big_key = pb::PutRequest {
             key: "k".repeat(MAX_KEY_BYTES + 1),
             ..Default::default()
         };
-        assert!(put_command(&big_key)
+        assert!(put_command(big_key)
             .unwrap_err()
             .to_string()
             .contains("limit is 1024"));
@@ -265,7 +269,7 @@ mod tests {
             value: vec![0; MAX_VALUE_BYTES + 1],
             ..Default::default()
         };
-        assert!(put_command(&big_value)
+        assert!(put_command(big_value)
             .unwrap_err()
             .to_string()
             .starts_with("invalid argument: value:"));

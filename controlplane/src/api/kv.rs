@@ -17,7 +17,7 @@ use trellis_proto::admin::kv_server::Kv;
 use trellis_raft_store::{Command, CommandResponse, Outcome};
 
 use super::convert::{
-    check_key, delete_command, kv_to_pb, put_command, txn_command, txn_result_to_pb,
+    check_key, check_put, delete_command, kv_to_pb, put_command, txn_command, txn_result_to_pb,
 };
 use super::{forward_error, forward_request, is_forwarded};
 use crate::error::ApiError;
@@ -88,7 +88,7 @@ impl Kv for KvService {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let pb_req = req.into_inner();
-        let cmd = put_command(&pb_req)?;
+        check_put(&pb_req)?;
         match self.node.route(forwarded).await? {
             Route::Forward { channel, leader } => self
                 .client(channel)
@@ -97,7 +97,7 @@ impl Kv for KvService {
                 .map_err(|s| forward_error(leader, s)),
             Route::Local => {
                 let want_prev = pb_req.prev_kv;
-                let resp = self.propose(cmd).await?;
+                let resp = self.propose(put_command(pb_req)?).await?;
                 let Outcome::Put { prev } = resp.outcome else {
                     return Err(unexpected("put", &resp.outcome).into());
                 };
@@ -199,7 +199,7 @@ impl Kv for KvService {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let pb_req = req.into_inner();
-        let cmd = delete_command(&pb_req)?;
+        check_key("key", &pb_req.key)?;
         match self.node.route(forwarded).await? {
             Route::Forward { channel, leader } => self
                 .client(channel)
@@ -207,18 +207,15 @@ impl Kv for KvService {
                 .await
                 .map_err(|s| forward_error(leader, s)),
             Route::Local => {
-                let resp = self.propose(cmd).await?;
+                let want_prev = pb_req.prev_kv;
+                let resp = self.propose(delete_command(pb_req)?).await?;
                 let Outcome::Delete { prev } = resp.outcome else {
                     return Err(unexpected("delete", &resp.outcome).into());
                 };
                 Ok(Response::new(pb::DeleteResponse {
                     header: Some(self.node.header(resp.revision)),
                     deleted: prev.is_some(),
-                    prev_kv: if pb_req.prev_kv {
-                        prev.map(kv_to_pb)
-                    } else {
-                        None
-                    },
+                    prev_kv: if want_prev { prev.map(kv_to_pb) } else { None },
                 }))
             }
         }
