@@ -52,7 +52,16 @@ pub struct SyncTarget {
     blobs_dir: std::path::PathBuf,
     /// Blob files already synced (sled never rewrites a blob in place).
     synced_blobs: std::collections::HashSet<std::ffi::OsString>,
+    /// The blobs directory's mtime when last listed, if that listing came
+    /// well after it (directory timestamps are coarse: a file added in the
+    /// same clock tick would not change it). Unchanged then means no file
+    /// was added, and the listing is skipped.
+    blobs_mtime: Option<std::time::SystemTime>,
 }
+
+/// How long after a directory's mtime a listing must happen to be sure it
+/// saw every file added at that mtime (kernel timestamps are coarse).
+const MTIME_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl SyncTarget {
     /// Sync targets of the sled database in `db_dir`.
@@ -66,6 +75,7 @@ impl SyncTarget {
             data,
             blobs_dir: db_dir.join("blobs"),
             synced_blobs: Default::default(),
+            blobs_mtime: None,
         })
     }
 
@@ -73,6 +83,14 @@ impl SyncTarget {
         self.data
             .sync_data()
             .map_err(|e| format!("fdatasync: {e}"))?;
+        let mtime = match std::fs::metadata(&self.blobs_dir).and_then(|m| m.modified()) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("stat {}: {e}", self.blobs_dir.display())),
+        };
+        if mtime.is_some() && mtime == self.blobs_mtime {
+            return Ok(());
+        }
         let entries = match std::fs::read_dir(&self.blobs_dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -103,6 +121,10 @@ impl SyncTarget {
                 .map_err(|e| format!("fsync {}: {e}", self.blobs_dir.display()))?;
         }
         self.synced_blobs = present;
+        let settled = mtime
+            .and_then(|m| std::time::SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age > MTIME_SETTLE);
+        self.blobs_mtime = if settled { mtime } else { None };
         Ok(())
     }
 }
@@ -361,5 +383,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.remove_range(..=index_key(log_id.index))
             .map_err(write_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_target_syncs_every_new_blob_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("db"), b"data").expect("db file");
+        let mut target = SyncTarget::open(dir.path()).expect("open");
+        // No blobs directory yet: nothing to do.
+        target.sync().expect("sync");
+        std::fs::create_dir(dir.path().join("blobs")).expect("blobs dir");
+        std::fs::write(dir.path().join("blobs/1"), b"blob").expect("blob");
+        target.sync().expect("sync");
+        assert!(target.synced_blobs.contains(std::ffi::OsStr::new("1")));
+        // A blob added right after a listing is still found: the listing
+        // was not long enough after the mtime to be trusted.
+        std::fs::write(dir.path().join("blobs/2"), b"blob").expect("blob");
+        target.sync().expect("sync");
+        assert!(target.synced_blobs.contains(std::ffi::OsStr::new("2")));
+        // Removed blobs are forgotten.
+        std::fs::remove_file(dir.path().join("blobs/1")).expect("rm");
+        target.sync().expect("sync");
+        assert!(!target.synced_blobs.contains(std::ffi::OsStr::new("1")));
     }
 }

@@ -32,6 +32,11 @@ pub const HISTORY_RETENTION: u64 = 100_000;
 /// not free) range delete runs once per step rather than per write.
 pub const HISTORY_COMPACT_STEP: u64 = 1_000;
 
+/// sled segment size. sled writes any record over a quarter segment to a
+/// blob file of its own (one file, and one more fsync, per record); 8 MiB
+/// keeps Raft entries (batches ≤ 1 MiB, values ≤ 1 MiB) out of blobs.
+pub const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+
 /// sled page cache. The working set of a mesh's config is small; 256 MiB
 /// keeps reads in memory without letting sled take the machine.
 pub const SLED_CACHE_BYTES: u64 = 256 * 1024 * 1024;
