@@ -237,6 +237,7 @@ pub struct SledStore {
     /// Apply and import write under it; export and list read under it, so
     /// they see one state.
     state_lock: RwLock<()>,
+    trimmer: Trimmer,
     applied_tx: watch::Sender<u64>,
 }
 
@@ -486,12 +487,14 @@ impl SledStore {
             None => SmMeta::default(),
         };
         let (applied_tx, _) = watch::channel(meta.revision);
+        let trimmer = Trimmer::start(tree.clone())?;
         Ok(SledStore {
             db,
             tree,
             revision: AtomicU64::new(meta.revision),
             compact_revision: AtomicU64::new(meta.compact_revision),
             state_lock: RwLock::new(()),
+            trimmer,
             applied_tx,
         })
     }
@@ -516,25 +519,88 @@ impl SledStore {
             None => Ok(SmMeta::default()),
         }
     }
+}
 
-    /// Remove history at or below `upto` (after the batch that raised the
-    /// compact revision: readers check that revision, not the records).
-    fn trim_history(&self, upto: u64) -> Result<(), StoreError> {
+/// Most history records one trimming batch removes: trimming runs in the
+/// background in small steps, so it never holds up apply for long.
+const TRIM_BATCH: usize = 1_000;
+
+/// Background thread that physically removes history at or below the
+/// compact revision. Logically that history is already gone (readers check
+/// the compact revision first), so nothing waits for this.
+struct Trimmer {
+    tx: Option<std::sync::mpsc::Sender<u64>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Trimmer {
+    /// Stop the thread and wait for it, so the database is closed when the
+    /// store is (the thread holds a tree handle).
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Trimmer {
+    fn start(tree: sled::Tree) -> Result<Self, StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let thread = std::thread::Builder::new()
+            .name("history-trim".into())
+            .spawn(move || {
+                while let Ok(mut upto) = rx.recv() {
+                    // Only the newest request matters.
+                    upto = rx.try_iter().fold(upto, u64::max);
+                    if let Err(e) = trim(&tree, upto) {
+                        tracing::warn!(error = %e, upto, "trimming watch history failed; retried at the next compaction");
+                    }
+                }
+            })
+            .map_err(|source| StoreError::Io {
+                what: "start the history trimming thread".into(),
+                source,
+            })?;
+        Ok(Trimmer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn request(&self, upto: u64) {
+        // The thread only stops with the store; nothing to do then.
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(upto);
+        }
+    }
+}
+
+/// Remove history at or below `upto`, [`TRIM_BATCH`] records at a time.
+fn trim(tree: &sled::Tree, upto: u64) -> Result<(), StoreError> {
+    let mut removed = 0usize;
+    loop {
         let mut batch = sled::Batch::default();
         let mut n = 0usize;
-        for item in self.tree.range(history_key(0)..=history_key(upto)) {
+        for item in tree
+            .range(history_key(0)..=history_key(upto))
+            .take(TRIM_BATCH)
+        {
             let (k, _) = item.map_err(|e| StoreError::sled("scan history", e))?;
             batch.remove(k);
             n += 1;
         }
-        if n > 0 {
-            self.tree
-                .apply_batch(batch)
-                .map_err(|e| StoreError::sled("trim history", e))?;
-            tracing::debug!(upto, removed = n, "trimmed watch history");
+        if n == 0 {
+            break;
         }
-        Ok(())
+        tree.apply_batch(batch)
+            .map_err(|e| StoreError::sled("trim history", e))?;
+        removed += n;
     }
+    if removed > 0 {
+        tracing::debug!(upto, removed, "trimmed watch history");
+    }
+    Ok(())
 }
 
 impl RevisionedStore for SledStore {
@@ -605,7 +671,7 @@ impl RevisionedStore for SledStore {
         if compact_revision > start_compact {
             self.compact_revision
                 .store(compact_revision, Ordering::Release);
-            self.trim_history(compact_revision)?;
+            self.trimmer.request(compact_revision);
         }
         drop(guard);
         if revision != start_revision {
