@@ -28,10 +28,11 @@ pub const MAX_IN_FLIGHT: usize = 2;
 /// Most commands in one entry.
 pub const MAX_BATCH_COMMANDS: usize = 512;
 /// Most payload bytes in one entry, below sled's blob threshold (see
-/// `trellis_raft_store::store::SLED_SEGMENT_BYTES`); a single command may exceed it alone
+/// `trellis_raft_store::store::SLED_BLOB_THRESHOLD_BYTES`; larger entries
+/// made flushes slow enough to cost leadership); a single command may exceed it alone
 /// (a txn is capped at `MAX_TXN_BYTES`, a put at 1 MiB + key). With
 /// `MAX_PAYLOAD_ENTRIES` per append this bounds replication messages.
-pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+pub const MAX_BATCH_BYTES: usize = 96 * 1024;
 /// Commands waiting for a proposal slot before callers feel backpressure.
 const QUEUE: usize = 16 * 1024;
 

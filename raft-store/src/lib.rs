@@ -87,7 +87,6 @@ pub fn open_with(
         .path(data_dir.join("db"))
         .cache_capacity(store::SLED_CACHE_BYTES)
         .mode(sled::Mode::HighThroughput)
-        .segment_size(store::SLED_SEGMENT_BYTES)
         .open()
         .map_err(|e| StoreError::Sled {
             what: format!("open database in {}", data_dir.display()),

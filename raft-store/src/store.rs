@@ -32,10 +32,10 @@ pub const HISTORY_RETENTION: u64 = 100_000;
 /// not free) range delete runs once per step rather than per write.
 pub const HISTORY_COMPACT_STEP: u64 = 1_000;
 
-/// sled segment size. sled writes any record over a quarter segment to a
-/// blob file of its own (one file, and one more fsync, per record); 8 MiB
-/// keeps Raft entries (batches ≤ 1 MiB, values ≤ 1 MiB) out of blobs.
-pub const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// sled writes any record over ~128 KiB (a quarter of its default 512 KiB
+/// segment) to a blob file of its own, which costs a file and a directory
+/// fsync per record; Raft entries are batched below this.
+pub const SLED_BLOB_THRESHOLD_BYTES: usize = 128 * 1024;
 
 /// sled page cache. The working set of a mesh's config is small; 256 MiB
 /// keeps reads in memory without letting sled take the machine.
