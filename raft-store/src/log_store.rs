@@ -39,6 +39,9 @@ pub struct LogStore {
     flusher: Flusher,
 }
 
+/// A group commit slower than this is logged at warn level.
+const SLOW_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Work for the flusher thread: something to report once durable.
 enum FlushWaiter {
     Append(LogFlushed<TypeConfig>),
@@ -154,11 +157,13 @@ impl Flusher {
                     if let (Ok(()), Some(target)) = (&result, &mut sync_file) {
                         result = target.sync();
                     }
-                    tracing::trace!(
-                        waiters = waiters.len(),
-                        micros = started.elapsed().as_micros() as u64,
-                        "raft log group commit"
-                    );
+                    let micros = started.elapsed().as_micros() as u64;
+                    tracing::trace!(waiters = waiters.len(), micros, "raft log group commit");
+                    if started.elapsed() >= SLOW_FLUSH {
+                        // openraft 0.9 blocks the node's core on this flush:
+                        // long ones can cost leadership (see README).
+                        tracing::warn!(waiters = waiters.len(), micros, "slow raft log flush");
+                    }
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "raft log flush failed");
                     }
