@@ -66,6 +66,25 @@ async fn followers(c: &Cluster) -> Result<(u64, Vec<u64>)> {
     ))
 }
 
+/// Open a watch on node `id` for `prefix` from `start_revision`.
+async fn watch_from(
+    c: &Cluster,
+    id: u64,
+    prefix: &str,
+    start_revision: u64,
+) -> Result<tonic::Streaming<WatchResponse>> {
+    let resp = c
+        .kv(id)
+        .watch(WatchRequest {
+            prefix: prefix.into(),
+            start_revision,
+            progress_interval_ms: 0,
+        })
+        .await
+        .with_context(|| format!("watch {prefix} from {start_revision} on node {id}"))?;
+    Ok(resp.into_inner())
+}
+
 /// Read the next message of a watch stream, failing after a deadline.
 async fn next_msg(stream: &mut tonic::Streaming<WatchResponse>) -> Result<WatchResponse> {
     match tokio::time::timeout(STREAM_TIMEOUT, stream.message()).await {
@@ -372,30 +391,14 @@ async fn watch_replays_history_in_order_once_and_resumes_anywhere() -> Result<()
     // From revision 1 on a follower: every matching event, in order, once,
     // a revision's events together.
     c.wait_for_revision(f[0], txn_rev).await?;
-    let mut s = c
-        .kv(f[0])
-        .watch(WatchRequest {
-            prefix: "/w/".into(),
-            start_revision: 1,
-            progress_interval_ms: 0,
-        })
-        .await?
-        .into_inner();
+    let mut s = watch_from(&c, f[0], "/w/", 1).await?;
     let got = collect_until(&mut s, txn_rev).await?;
     let want: Vec<(u64, Vec<(i32, String)>)> = history.clone().into_iter().collect();
     assert_eq!(got, want);
 
     // Resume from the middle on the other follower: exactly the suffix.
     let mid = *history.keys().nth(5).context("history too short")?;
-    let mut s2 = c
-        .kv(f[1])
-        .watch(WatchRequest {
-            prefix: "/w/".into(),
-            start_revision: mid,
-            progress_interval_ms: 0,
-        })
-        .await?
-        .into_inner();
+    let mut s2 = watch_from(&c, f[1], "/w/", mid).await?;
     let got = collect_until(&mut s2, txn_rev).await?;
     let want: Vec<_> = history.range(mid..).map(|(r, e)| (*r, e.clone())).collect();
     assert_eq!(got, want);
@@ -407,15 +410,7 @@ async fn watch_replays_history_in_order_once_and_resumes_anywhere() -> Result<()
 
     // A start revision in the future is waited for, not answered early.
     let future = live + 3;
-    let mut s3 = c
-        .kv(f[1])
-        .watch(WatchRequest {
-            prefix: "/w/".into(),
-            start_revision: future,
-            progress_interval_ms: 0,
-        })
-        .await?
-        .into_inner();
+    let mut s3 = watch_from(&c, f[1], "/w/", future).await?;
     let created = next_msg(&mut s3).await?;
     assert!(created.events.is_empty());
     for i in 0..3 {
@@ -439,15 +434,7 @@ async fn watch_replays_history_in_order_once_and_resumes_anywhere() -> Result<()
         },
     )
     .await?;
-    let mut s4 = c
-        .kv(watcher)
-        .watch(WatchRequest {
-            prefix: "/w/".into(),
-            start_revision: 1,
-            progress_interval_ms: 0,
-        })
-        .await?
-        .into_inner();
+    let mut s4 = watch_from(&c, watcher, "/w/", 1).await?;
     let m = next_msg(&mut s4).await?;
     let m = if m.events.is_empty() && !m.compacted {
         next_msg(&mut s4).await?
