@@ -27,12 +27,13 @@ use crate::error::ApiError;
 pub const MAX_IN_FLIGHT: usize = 2;
 /// Most commands in one entry.
 pub const MAX_BATCH_COMMANDS: usize = 512;
-/// Most payload bytes in one entry, below sled's blob threshold (see
-/// `trellis_raft_store::store::SLED_BLOB_THRESHOLD_BYTES`; larger entries
-/// made flushes slow enough to cost leadership); a single command may exceed it alone
+/// Most payload bytes in one entry: three quarters of sled's blob
+/// threshold (`trellis_raft_store::store::SLED_BLOB_THRESHOLD_BYTES`), so
+/// an entry never costs its own blob file and directory fsync; a single
+/// command may exceed it alone
 /// (a txn is capped at `MAX_TXN_BYTES`, a put at 1 MiB + key). With
 /// `MAX_PAYLOAD_ENTRIES` per append this bounds replication messages.
-pub const MAX_BATCH_BYTES: usize = 96 * 1024;
+pub const MAX_BATCH_BYTES: usize = trellis_raft_store::store::SLED_BLOB_THRESHOLD_BYTES * 3 / 4;
 /// Commands waiting for a proposal slot before callers feel backpressure.
 const QUEUE: usize = 16 * 1024;
 

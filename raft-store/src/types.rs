@@ -207,8 +207,6 @@ pub enum TxnOpResult {
 /// What applying a command did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// Blank and membership entries.
-    None,
     Put {
         prev: Option<KeyValue>,
     },
