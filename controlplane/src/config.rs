@@ -12,8 +12,9 @@
 //!
 //! [raft]
 //! heartbeat_ms = 50
-//! election_timeout_min_ms = 150
-//! election_timeout_max_ms = 300
+//! election_timeout_min_ms = 300
+//! election_timeout_max_ms = 600
+//! crash_detection = true
 //! ```
 
 use std::collections::BTreeMap;
@@ -29,16 +30,22 @@ pub const DEFAULT_RAFT_ADDR: &str = "127.0.0.1:7380";
 /// QUIC port for sidecars (reserved: bound, not yet served).
 pub const DEFAULT_QUIC_ADDR: &str = "127.0.0.1:7381";
 
-/// Leader heartbeat. 50 ms keeps followers' view of the leader fresh for
-/// sub-second failover at ~20 small RPCs/s per peer.
+/// Leader heartbeat. 50 ms keeps followers' view of the leader fresh at
+/// ~20 small RPCs/s per peer.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 50;
 /// Election timeout bounds. openraft 0.9 makes a follower wait its leader
 /// lease (= the max) plus a random timeout in [min, max] after the last
-/// heartbeat, so 150–300 ms notices a dead leader after 450–600 ms. Tighter
-/// (40 / 100–200 ms: ~375 ms failover) held at 1,000 puts/s but lost the
-/// leader once in three saturating runs on a 2-core machine, so these stay.
-pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 150;
-pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 300;
+/// heartbeat, so 300–600 ms notices a silent leader after 0.9–1.2 s (etcd's
+/// default is 1 s). A leader whose process died is noticed at once by the
+/// crash detector (`crash_detection`), so these only govern hangs and
+/// partitions and can be long enough not to flap when a loaded 2-core
+/// machine stalls a node for a few hundred milliseconds (150–300 ms, and
+/// 100–200 ms more so, lost a healthy leader under saturating writes).
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 300;
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// Crash detection is on by default: it only acts when the leader's port
+/// refuses connections, which a live leader never does.
+pub const DEFAULT_CRASH_DETECTION: bool = true;
 /// Build a snapshot after this many applied entries: bounds log size and
 /// restart replay time without snapshotting constantly under load.
 pub const DEFAULT_SNAPSHOT_AFTER_LOGS: u64 = 10_000;
@@ -73,6 +80,10 @@ pub struct RaftTiming {
     pub logs_kept_after_snapshot: u64,
     /// Per-chunk snapshot install timeout (ms).
     pub install_snapshot_timeout_ms: u64,
+    /// Followers hold a stream open to the leader and start an election as
+    /// soon as it breaks and the leader's Raft port refuses connections
+    /// (its process is gone), instead of waiting out the election timeout.
+    pub crash_detection: bool,
 }
 
 impl Default for RaftTiming {
@@ -84,6 +95,7 @@ impl Default for RaftTiming {
             snapshot_after_logs: DEFAULT_SNAPSHOT_AFTER_LOGS,
             logs_kept_after_snapshot: DEFAULT_LOGS_KEPT_AFTER_SNAPSHOT,
             install_snapshot_timeout_ms: DEFAULT_INSTALL_SNAPSHOT_TIMEOUT_MS,
+            crash_detection: DEFAULT_CRASH_DETECTION,
         }
     }
 }
@@ -299,7 +311,7 @@ mod tests {
         c.admin_addr = "localhost".into();
         assert!(c.validate().unwrap_err().to_string().contains("admin_addr"));
         let mut c = base();
-        c.raft.election_timeout_min_ms = 60;
+        c.raft.election_timeout_min_ms = 100;
         assert!(c
             .validate()
             .unwrap_err()

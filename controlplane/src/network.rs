@@ -64,6 +64,12 @@ impl PeerNetwork {
         }
     }
 
+    /// The address dialed for peer `id`: its override, or its advertised
+    /// Raft address.
+    pub fn dial_addr(&self, id: NodeId, node: &NodeAddr) -> String {
+        self.overrides.get(&id).unwrap_or(&node.raft_addr).clone()
+    }
+
     fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ch) = map.get(addr) {
@@ -79,11 +85,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerClient {
-        let addr = self
-            .overrides
-            .get(&target)
-            .unwrap_or(&node.raft_addr)
-            .clone();
+        let addr = self.dial_addr(target, node);
         let client = self.channel(&addr).map(|ch| {
             RaftPeerClient::new(ch)
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)

@@ -1,12 +1,18 @@
 //! Raft peer transport, server side: decodes openraft messages from peers,
 //! hands them to the local [`Raft`], and encodes the `Result` back. Also
-//! serves `TimeoutNow`, the target half of a leadership transfer.
+//! serves `TimeoutNow`, the target half of a leadership transfer, and the
+//! `Liveness` streams followers watch (see [`crate::crash_detector`]).
 
+use std::pin::Pin;
 use std::time::Duration;
 
+use futures::Stream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use trellis_proto::raft::raft_peer_server::RaftPeer;
-use trellis_proto::raft::{RaftPayload, TimeoutNowRequest, TimeoutNowResponse};
+use trellis_proto::raft::{
+    LivenessEvent, LivenessRequest, RaftPayload, TimeoutNowRequest, TimeoutNowResponse,
+};
 use trellis_raft_store::codec::{decode, encode};
 use trellis_raft_store::Raft;
 
@@ -17,11 +23,14 @@ const MAX_TAKEOVER: Duration = Duration::from_secs(10);
 
 pub struct PeerService {
     raft: Raft,
+    /// Becomes `true` when the node shuts down; ends `Liveness` streams so
+    /// a graceful shutdown is not held up by them.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl PeerService {
-    pub fn new(raft: Raft) -> Self {
-        PeerService { raft }
+    pub fn new(raft: Raft, shutdown: watch::Receiver<bool>) -> Self {
+        PeerService { raft, shutdown }
     }
 }
 
@@ -39,6 +48,23 @@ fn payload<T: serde::Serialize>(
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
+    type LivenessStream = Pin<Box<dyn Stream<Item = Result<LivenessEvent, Status>> + Send>>;
+
+    /// Open until this node shuts down; never yields an item.
+    #[tracing::instrument(level = "debug", skip_all, fields(from = req.get_ref().from))]
+    async fn liveness(
+        &self,
+        req: Request<LivenessRequest>,
+    ) -> Result<Response<Self::LivenessStream>, Status> {
+        let _ = req;
+        let mut shutdown = self.shutdown.clone();
+        let ends = futures::stream::once(async move {
+            let _ = shutdown.wait_for(|stopping| *stopping).await;
+        });
+        let stream = futures::StreamExt::filter_map(ends, |()| async { None });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn append_entries(
         &self,
         req: Request<RaftPayload>,

@@ -1,6 +1,6 @@
 //! End-to-end behaviour of a real three-node `trellisd` cluster on loopback:
 //! forwarding and linearizable reads, compare-and-set, transactions, watch
-//! history, leader failure, full restart, snapshot catch-up of a wiped
+//! history, leader failure (and its prompt detection), full restart, snapshot catch-up of a wiped
 //! node, membership changes and input validation.
 //!
 //! Every test starts its own cluster through `trellis_tests::Cluster` (real
@@ -480,6 +480,67 @@ async fn killing_the_leader_loses_no_acknowledged_write() -> Result<()> {
             .map(|v| v.1),
         Some(after)
     );
+    Ok(())
+}
+
+/// Election timeouts so long (lease 8 s + 4–8 s) that only the crash
+/// detector can replace a killed leader within the test's bounds.
+fn slow_election_options() -> trellis_tests::ClusterOptions {
+    trellis_tests::ClusterOptions {
+        heartbeat_ms: Some(100),
+        election_min_ms: Some(4_000),
+        election_max_ms: Some(8_000),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_without_waiting_out_the_election_timeout() -> Result<()> {
+    let mut c = Cluster::start_with(slow_election_options()).await?;
+    for round in 0..2 {
+        let (old_leader, f) = followers(&c).await?;
+        let before = c.status(f[0]).await?.term;
+        put(&mut c.kv(f[0]), &format!("/crash/{round}"), "before").await?;
+        let killed_at = std::time::Instant::now();
+        c.kill(old_leader).await?;
+        let new_leader = c.leader().await?;
+        let took = killed_at.elapsed();
+        assert_ne!(new_leader, old_leader);
+        // The timer path needs at least 12 s of silence (it took 14.8 s
+        // with `--no-crash-detection`).
+        assert!(
+            took < Duration::from_secs(4),
+            "round {round}: new leader after {took:?}; the crash detector should act at once"
+        );
+        let after = c.status(new_leader).await?.term;
+        assert!(after > before, "term {before} -> {after}");
+        put(&mut c.kv(new_leader), &format!("/crash/{round}"), "after").await?;
+        c.restart(old_leader).await?;
+        c.wait_converged().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crash_detector_leaves_a_live_leader_alone() -> Result<()> {
+    let mut c = Cluster::start_with(slow_election_options()).await?;
+    let (leader, f) = followers(&c).await?;
+    let term = c.status(leader).await?.term;
+    // A follower dies and comes back; the leader keeps serving throughout.
+    c.kill(f[0]).await?;
+    put(&mut c.kv(f[1]), "/live/1", "x").await?;
+    c.restart(f[0]).await?;
+    let rev = put(&mut c.kv(f[0]), "/live/2", "y").await?;
+    c.wait_for_revision(f[0], rev).await?;
+    c.wait_converged().await?;
+    for id in c.ids() {
+        let s = c.status(id).await?;
+        assert_eq!(
+            (s.leader_id, s.term),
+            (leader, term),
+            "node {id} saw a leader change"
+        );
+    }
     Ok(())
 }
 

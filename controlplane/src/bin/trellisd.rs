@@ -62,6 +62,10 @@ struct Args {
     /// Election timeout upper bound (ms).
     #[arg(long)]
     election_timeout_max_ms: Option<u64>,
+    /// Do not start elections early when the leader's process is gone;
+    /// wait out the election timeout instead.
+    #[arg(long)]
+    no_crash_detection: bool,
     /// Snapshot after this many log entries.
     #[arg(long)]
     snapshot_after_logs: Option<u64>,
@@ -116,6 +120,9 @@ fn build_config(args: Args) -> Result<NodeConfig, String> {
     set!(raft.election_timeout_min_ms <- args.election_timeout_min_ms);
     set!(raft.election_timeout_max_ms <- args.election_timeout_max_ms);
     set!(raft.snapshot_after_logs <- args.snapshot_after_logs);
+    if args.no_crash_detection {
+        c.raft.crash_detection = false;
+    }
     set!(request_timeout_ms <- args.request_timeout_ms);
     set!(durability <- args.durability);
     set!(log_level <- args.log_level);
