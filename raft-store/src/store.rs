@@ -11,7 +11,7 @@
 //!   compacted sooner by a `Compact` command); a reader asking for older
 //!   revisions gets [`StoreError::Compacted`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
@@ -110,6 +110,8 @@ pub struct SnapshotBody {
     pub membership: StoredMembership,
     pub revision: u64,
     pub kvs: Vec<KeyValue>,
+    /// Every lease; which keys each holds is in `kvs` (`KeyValue::lease`).
+    pub leases: Vec<Lease>,
 }
 
 /// The state machine's storage engine. Implementations must apply a batch
@@ -155,6 +157,10 @@ pub trait RevisionedStore: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StoreError>;
     /// Bytes on disk (approximate).
     fn size_on_disk(&self) -> u64;
+    /// Every lease, by id.
+    fn leases(&self) -> Result<Vec<Lease>, StoreError>;
+    /// One lease and the keys attached to it; `None` if it does not exist.
+    fn lease(&self, id: u64) -> Result<Option<(Lease, Vec<String>)>, StoreError>;
 }
 
 /// Value of a key as stored (the key is in the sled key).
@@ -163,6 +169,7 @@ struct Record {
     create_revision: u64,
     mod_revision: u64,
     version: u64,
+    lease: u64,
     #[serde(with = "serde_bytes")]
     value: Vec<u8>,
 }
@@ -175,6 +182,7 @@ impl Record {
             create_revision: self.create_revision,
             mod_revision: self.mod_revision,
             version: self.version,
+            lease: self.lease,
         }
     }
 }
@@ -185,6 +193,20 @@ struct RecordHead {
     create_revision: u64,
     mod_revision: u64,
     version: u64,
+    lease: u64,
+}
+
+impl RecordHead {
+    fn into_kv(self, key: &str) -> KeyValue {
+        KeyValue {
+            key: key.to_string(),
+            value: Vec::new(),
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+            lease: self.lease,
+        }
+    }
 }
 
 /// Counters written with every apply batch.
@@ -202,6 +224,28 @@ const DATA: u8 = b'd';
 const HISTORY: u8 = b'h';
 const META_KEY: &[u8] = b"m";
 const MEMBERSHIP_KEY: &[u8] = b"n";
+/// `l` + lease id (BE) -> [`Lease`].
+const LEASE: u8 = b'l';
+/// `a` + lease id (BE) + key -> empty: which keys a lease holds.
+const ATTACHED: u8 = b'a';
+
+fn lease_key(id: u64) -> [u8; 9] {
+    let mut k = [LEASE; 9];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn attached_prefix(id: u64) -> [u8; 9] {
+    let mut k = [ATTACHED; 9];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn attached_key(id: u64, key: &str) -> Vec<u8> {
+    let mut k = attached_prefix(id).to_vec();
+    k.extend_from_slice(key.as_bytes());
+    k
+}
 
 fn data_key(key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
@@ -246,24 +290,38 @@ pub struct SledStore {
 struct Pending<'a> {
     tree: &'a sled::Tree,
     overlay: HashMap<String, Option<Record>>,
+    /// Leases granted (`Some`) or revoked (`None`) in this call.
+    leases: HashMap<u64, Option<Lease>>,
+    /// Keys attached to (`true`) or detached from (`false`) a lease in
+    /// this call.
+    attached: BTreeMap<(u64, String), bool>,
     batch: sled::Batch,
 }
 
-impl Pending<'_> {
+impl<'a> Pending<'a> {
+    fn new(tree: &'a sled::Tree) -> Self {
+        Pending {
+            tree,
+            overlay: HashMap::new(),
+            leases: HashMap::new(),
+            attached: BTreeMap::new(),
+            batch: sled::Batch::default(),
+        }
+    }
+
     /// A key's revisions without its value (cheaper: the value is not
     /// decoded or copied).
     fn head(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let head = |create_revision, mod_revision, version| KeyValue {
-            key: key.to_string(),
-            value: Vec::new(),
-            create_revision,
-            mod_revision,
-            version,
-        };
         if let Some(pending) = self.overlay.get(key) {
-            return Ok(pending
-                .as_ref()
-                .map(|r| head(r.create_revision, r.mod_revision, r.version)));
+            return Ok(pending.as_ref().map(|r| {
+                RecordHead {
+                    create_revision: r.create_revision,
+                    mod_revision: r.mod_revision,
+                    version: r.version,
+                    lease: r.lease,
+                }
+                .into_kv(key)
+            }));
         }
         match self
             .tree
@@ -273,9 +331,63 @@ impl Pending<'_> {
             None => Ok(None),
             Some(bytes) => {
                 let h: RecordHead = decode_prefix("kv record", &bytes)?;
-                Ok(Some(head(h.create_revision, h.mod_revision, h.version)))
+                Ok(Some(h.into_kv(key)))
             }
         }
+    }
+
+    fn lease(&self, id: u64) -> Result<Option<Lease>, StoreError> {
+        if let Some(pending) = self.leases.get(&id) {
+            return Ok(*pending);
+        }
+        match self
+            .tree
+            .get(lease_key(id))
+            .map_err(|e| StoreError::sled("read lease during apply", e))?
+        {
+            None => Ok(None),
+            Some(b) => Ok(Some(decode("lease", &b)?)),
+        }
+    }
+
+    fn set_lease(&mut self, id: u64, lease: Option<Lease>) -> Result<(), StoreError> {
+        match &lease {
+            Some(l) => self.batch.insert(&lease_key(id), encode("lease", l)?),
+            None => self.batch.remove(&lease_key(id)),
+        }
+        self.leases.insert(id, lease);
+        Ok(())
+    }
+
+    fn attach(&mut self, id: u64, key: &str, on: bool) {
+        if on {
+            self.batch.insert(attached_key(id, key), Vec::<u8>::new());
+        } else {
+            self.batch.remove(attached_key(id, key));
+        }
+        self.attached.insert((id, key.to_string()), on);
+    }
+
+    /// Keys attached to lease `id`, including this call's changes.
+    fn attached_keys(&self, id: u64) -> Result<Vec<String>, StoreError> {
+        let mut keys = std::collections::BTreeSet::new();
+        for item in self.tree.scan_prefix(attached_prefix(id)).keys() {
+            let k = item.map_err(|e| StoreError::sled("read lease keys", e))?;
+            let key = std::str::from_utf8(&k[9..])
+                .map_err(|_| StoreError::Corrupt("a lease's key is not UTF-8".to_string()))?;
+            keys.insert(key.to_string());
+        }
+        for ((lease, key), on) in self.attached.range((id, String::new())..) {
+            if *lease != id {
+                break;
+            }
+            if *on {
+                keys.insert(key.clone());
+            } else {
+                keys.remove(key);
+            }
+        }
+        Ok(keys.into_iter().collect())
     }
 
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
@@ -316,10 +428,12 @@ impl CommandTx<'_, '_> {
     }
 
     /// `want_prev`: return the previous value too (else revisions only).
+    /// The caller has checked that `lease` (if not 0) exists.
     fn put(
         &mut self,
         key: &str,
         value: &[u8],
+        lease: u64,
         want_prev: bool,
     ) -> Result<Option<KeyValue>, StoreError> {
         let prev = if want_prev {
@@ -328,10 +442,20 @@ impl CommandTx<'_, '_> {
             self.pending.head(key)?
         };
         let rev = self.next_revision();
+        let old_lease = prev.as_ref().map_or(0, |p| p.lease);
+        if old_lease != lease {
+            if old_lease != 0 {
+                self.pending.attach(old_lease, key, false);
+            }
+            if lease != 0 {
+                self.pending.attach(lease, key, true);
+            }
+        }
         let rec = Record {
             create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
             mod_revision: rev,
             version: prev.as_ref().map_or(1, |p| p.version + 1),
+            lease,
             value: value.to_vec(),
         };
         self.pending
@@ -351,8 +475,11 @@ impl CommandTx<'_, '_> {
         } else {
             self.pending.head(key)?
         };
-        if prev.is_some() {
+        if let Some(p) = &prev {
             let rev = self.next_revision();
+            if p.lease != 0 {
+                self.pending.attach(p.lease, key, false);
+            }
             self.pending.batch.remove(data_key(key));
             self.pending.overlay.insert(key.to_string(), None);
             self.events.push(Event {
@@ -369,8 +496,8 @@ impl CommandTx<'_, '_> {
 
     fn run_op(&mut self, op: &TxnOp) -> Result<TxnOpResult, StoreError> {
         Ok(match op {
-            TxnOp::Put { key, value } => TxnOpResult::Put {
-                prev: self.put(key, value, true)?,
+            TxnOp::Put { key, value, lease } => TxnOpResult::Put {
+                prev: self.put(key, value, *lease, true)?,
             },
             TxnOp::Delete { key } => TxnOpResult::Delete {
                 prev: self.delete(key, true)?,
@@ -398,6 +525,19 @@ impl CommandTx<'_, '_> {
         }
     }
 
+    /// `Some(id)` for the first of `leases` (0 = none) that does not exist.
+    fn missing_lease(
+        &self,
+        leases: impl IntoIterator<Item = u64>,
+    ) -> Result<Option<u64>, StoreError> {
+        for id in leases {
+            if id != 0 && self.pending.lease(id)?.is_none() {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
+    }
+
     fn execute(
         &mut self,
         cmd: &Command,
@@ -409,12 +549,16 @@ impl CommandTx<'_, '_> {
                 value,
                 expected_mod_revision,
                 prev_kv,
+                lease,
             } => {
                 if let Err(conflict) = self.check_expected(key, *expected_mod_revision)? {
                     return Ok(conflict);
                 }
+                if let Some(id) = self.missing_lease([*lease])? {
+                    return Ok(Outcome::LeaseNotFound { id });
+                }
                 Ok(Outcome::Put {
-                    prev: self.put(key, value, *prev_kv)?,
+                    prev: self.put(key, value, *lease, *prev_kv)?,
                 })
             }
             Command::Delete {
@@ -442,6 +586,13 @@ impl CommandTx<'_, '_> {
                     }
                 }
                 let ops = if succeeded { success } else { failure };
+                let leases = ops.iter().filter_map(|op| match op {
+                    TxnOp::Put { lease, .. } => Some(*lease),
+                    _ => None,
+                });
+                if let Some(id) = self.missing_lease(leases)? {
+                    return Ok(Outcome::LeaseNotFound { id });
+                }
                 let mut results = Vec::with_capacity(ops.len());
                 for op in ops {
                     results.push(self.run_op(op)?);
@@ -467,6 +618,37 @@ impl CommandTx<'_, '_> {
                 *compact_revision = *revision;
                 Ok(Outcome::Compacted {
                     compact_revision: *compact_revision,
+                })
+            }
+            Command::LeaseGrant { id, ttl_ms } => {
+                if *id == 0 {
+                    return Ok(Outcome::Rejected {
+                        reason: "lease id 0 means \"no lease\" and cannot be granted".into(),
+                    });
+                }
+                if self.pending.lease(*id)?.is_some() {
+                    return Ok(Outcome::Rejected {
+                        reason: format!("lease {id} already exists"),
+                    });
+                }
+                let lease = Lease {
+                    id: *id,
+                    ttl_ms: *ttl_ms,
+                };
+                self.pending.set_lease(*id, Some(lease))?;
+                Ok(Outcome::LeaseGranted { lease })
+            }
+            Command::LeaseRevoke { id } => {
+                if self.pending.lease(*id)?.is_none() {
+                    return Ok(Outcome::LeaseNotFound { id: *id });
+                }
+                let keys = self.pending.attached_keys(*id)?;
+                for key in &keys {
+                    self.delete(key, false)?;
+                }
+                self.pending.set_lease(*id, None)?;
+                Ok(Outcome::LeaseRevoked {
+                    deleted_keys: keys.len() as u64,
                 })
             }
         }
@@ -610,11 +792,7 @@ impl RevisionedStore for SledStore {
         let start_compact = self.compact_revision.load(Ordering::Acquire);
         let mut revision = start_revision;
         let mut compact_revision = start_compact;
-        let mut pending = Pending {
-            tree: &self.tree,
-            overlay: HashMap::new(),
-            batch: sled::Batch::default(),
-        };
+        let mut pending = Pending::new(&self.tree);
         let mut responses = Vec::with_capacity(entries.len());
         let mut last_applied = None;
         for entry in entries {
@@ -743,14 +921,7 @@ impl RevisionedStore for SledStore {
             }
             let key = key_of(&k)?;
             let kv = if keys_only {
-                let head: RecordHead = decode_prefix("kv record", &v)?;
-                KeyValue {
-                    key: key.to_string(),
-                    value: Vec::new(),
-                    create_revision: head.create_revision,
-                    mod_revision: head.mod_revision,
-                    version: head.version,
-                }
+                decode_prefix::<RecordHead>("kv record", &v)?.into_kv(key)
             } else {
                 decode::<Record>("kv record", &v)?.into_kv(key)
             };
@@ -823,12 +994,14 @@ impl RevisionedStore for SledStore {
             let (k, v) = item.map_err(|e| StoreError::sled("export", e))?;
             kvs.push(decode::<Record>("kv record", &v)?.into_kv(key_of(&k)?));
         }
+        let leases = self.leases()?;
         drop(guard);
         Ok(SnapshotBody {
             last_applied,
             membership,
             revision,
             kvs,
+            leases,
         })
     }
 
@@ -842,11 +1015,18 @@ impl RevisionedStore for SledStore {
         for item in self.tree.iter().keys() {
             batch.remove(item.map_err(e("scan state"))?);
         }
+        for lease in &body.leases {
+            batch.insert(&lease_key(lease.id), encode("lease", lease)?);
+        }
         for kv in body.kvs {
+            if kv.lease != 0 {
+                batch.insert(attached_key(kv.lease, &kv.key), Vec::<u8>::new());
+            }
             let rec = Record {
                 create_revision: kv.create_revision,
                 mod_revision: kv.mod_revision,
                 version: kv.version,
+                lease: kv.lease,
                 value: kv.value,
             };
             batch.insert(data_key(&kv.key), encode("kv record", &rec)?);
@@ -872,6 +1052,24 @@ impl RevisionedStore for SledStore {
         drop(guard);
         self.applied_tx.send_replace(body.revision);
         Ok(())
+    }
+
+    fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([LEASE]).values() {
+            let v = item.map_err(|e| StoreError::sled("read leases", e))?;
+            out.push(decode("lease", &v)?);
+        }
+        Ok(out)
+    }
+
+    fn lease(&self, id: u64) -> Result<Option<(Lease, Vec<String>)>, StoreError> {
+        let _guard = self.read_lock();
+        let pending = Pending::new(&self.tree);
+        match pending.lease(id)? {
+            None => Ok(None),
+            Some(lease) => Ok(Some((lease, pending.attached_keys(id)?))),
+        }
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -942,7 +1140,100 @@ mod tests {
             value: value.as_bytes().to_vec(),
             expected_mod_revision: None,
             prev_kv: true,
+            lease: 0,
         }
+    }
+
+    fn put_leased(key: &str, lease: u64) -> Command {
+        Command::Put {
+            key: key.into(),
+            value: b"v".to_vec(),
+            expected_mod_revision: None,
+            prev_kv: false,
+            lease,
+        }
+    }
+
+    #[test]
+    fn revoking_a_lease_deletes_its_keys_at_one_revision() {
+        let mut f = Fixture::new();
+        // Grant changes no key: no revision.
+        let r = f.apply1(Command::LeaseGrant { id: 7, ttl_ms: 5_000 });
+        assert_eq!(r.revision, 0);
+        assert_eq!(
+            r.outcome,
+            Outcome::LeaseGranted {
+                lease: Lease { id: 7, ttl_ms: 5_000 }
+            }
+        );
+        // Granting it again, or lease 0, is refused.
+        assert!(matches!(
+            f.apply1(Command::LeaseGrant { id: 7, ttl_ms: 1 }).outcome,
+            Outcome::Rejected { .. }
+        ));
+        // Puts under a missing lease change nothing.
+        let r = f.apply1(put_leased("/x", 9));
+        assert_eq!((r.revision, r.outcome), (0, Outcome::LeaseNotFound { id: 9 }));
+        f.apply(vec![
+            put_leased("/i/a", 7),
+            put_leased("/i/b", 7),
+            put_leased("/i/c", 7),
+            put("/plain", "p"),
+        ]);
+        // Re-put without a lease detaches; a delete forgets the key.
+        f.apply1(put("/i/c", "now plain"));
+        let (lease, keys) = f.store.lease(7).expect("read").expect("lease");
+        assert_eq!(lease.ttl_ms, 5_000);
+        assert_eq!(keys, vec!["/i/a".to_string(), "/i/b".to_string()]);
+        assert_eq!(f.store.get("/i/a").expect("get").expect("kv").lease, 7);
+
+        let r = f.apply1(Command::LeaseRevoke { id: 7 });
+        assert_eq!(r.outcome, Outcome::LeaseRevoked { deleted_keys: 2 });
+        assert_eq!(r.revision, 6, "both deletes share one revision");
+        assert!(f.store.get("/i/a").expect("get").is_none());
+        assert!(f.store.get("/i/c").expect("get").is_some());
+        assert!(f.store.lease(7).expect("read").is_none());
+        assert!(f.store.leases().expect("leases").is_empty());
+        let page = f.store.events_since(5, "", 10).expect("history");
+        assert_eq!(page.revisions.len(), 1);
+        assert_eq!(page.revisions[0].events.len(), 2);
+        assert!(page.revisions[0]
+            .events
+            .iter()
+            .all(|e| e.kind == EventKind::Delete));
+        assert_eq!(
+            f.apply1(Command::LeaseRevoke { id: 7 }).outcome,
+            Outcome::LeaseNotFound { id: 7 }
+        );
+    }
+
+    #[test]
+    fn grant_attach_and_revoke_work_inside_one_apply_call() {
+        let mut f = Fixture::new();
+        let r = f.apply(vec![
+            Command::LeaseGrant { id: 3, ttl_ms: 1_000 },
+            put_leased("/k", 3),
+            Command::LeaseRevoke { id: 3 },
+        ]);
+        assert_eq!(r[2].outcome, Outcome::LeaseRevoked { deleted_keys: 1 });
+        assert!(f.store.get("/k").expect("get").is_none());
+        assert!(f.store.lease(3).expect("read").is_none());
+    }
+
+    #[test]
+    fn leases_travel_in_snapshots() {
+        let mut f = Fixture::new();
+        f.apply(vec![
+            Command::LeaseGrant { id: 4, ttl_ms: 2_000 },
+            put_leased("/a", 4),
+        ]);
+        let body = f.store.export().expect("export");
+        let mut g = Fixture::new();
+        g.store.import(body).expect("import");
+        let (lease, keys) = g.store.lease(4).expect("read").expect("lease");
+        assert_eq!((lease.ttl_ms, keys), (2_000, vec!["/a".to_string()]));
+        let r = g.apply1(Command::LeaseRevoke { id: 4 });
+        assert_eq!(r.outcome, Outcome::LeaseRevoked { deleted_keys: 1 });
     }
 
     #[test]
@@ -983,6 +1274,7 @@ mod tests {
             value: b"v2".to_vec(),
             expected_mod_revision: Some(7),
             prev_kv: true,
+            lease: 0,
         });
         assert_eq!(
             r.outcome,
@@ -997,6 +1289,7 @@ mod tests {
             value: b"v2".to_vec(),
             expected_mod_revision: Some(1),
             prev_kv: true,
+            lease: 0,
         });
         assert!(matches!(r.outcome, Outcome::Put { prev: Some(_) }));
         // Create-only.
@@ -1005,6 +1298,7 @@ mod tests {
             value: b"v3".to_vec(),
             expected_mod_revision: Some(0),
             prev_kv: true,
+            lease: 0,
         });
         assert!(matches!(
             r.outcome,
@@ -1029,6 +1323,7 @@ mod tests {
                 TxnOp::Put {
                     key: "/y".into(),
                     value: b"2".to_vec(),
+                    lease: 0,
                 },
                 TxnOp::Delete { key: "/x".into() },
                 TxnOp::Get { key: "/y".into() },
@@ -1054,6 +1349,7 @@ mod tests {
             success: vec![TxnOp::Put {
                 key: "/z".into(),
                 value: vec![],
+                    lease: 0,
             }],
             failure: vec![TxnOp::Get { key: "/y".into() }],
         });
@@ -1116,6 +1412,7 @@ mod tests {
                         value: b"lost".to_vec(),
                         expected_mod_revision: Some(0),
                         prev_kv: true,
+            lease: 0,
                     },
                     put("/b/2", "b"),
                 ],

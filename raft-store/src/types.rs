@@ -35,6 +35,18 @@ pub struct KeyValue {
     pub mod_revision: u64,
     /// Number of puts since creation (1 after the first).
     pub version: u64,
+    /// The lease the key is attached to (0: none). Revoking or expiring
+    /// the lease deletes the key.
+    pub lease: u64,
+}
+
+/// A lease: keys attached to it are deleted when it is revoked, or when
+/// the leader sees no keepalive for `ttl_ms` (see the control plane's
+/// lease keeper; deadlines are leader memory, never logged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: u64,
+    pub ttl_ms: u64,
 }
 
 /// What one Raft entry carries: commands from concurrent clients, applied
@@ -74,6 +86,9 @@ pub enum Command {
         expected_mod_revision: Option<u64>,
         /// Return the previous value (else only its revisions are read).
         prev_kv: bool,
+        /// Attach the key to this lease (0: none; a put without a lease
+        /// detaches the key from its old one). The lease must exist.
+        lease: u64,
     },
     /// Remove `key`; with `expected_mod_revision`, only if it matches.
     Delete {
@@ -90,6 +105,11 @@ pub enum Command {
     },
     /// Forget the change feed at and below `revision`.
     Compact { revision: u64 },
+    /// Create lease `id` (not 0, not in use). Changes no key, so it takes
+    /// no revision.
+    LeaseGrant { id: u64, ttl_ms: u64 },
+    /// Delete lease `id` and every key attached to it, at one revision.
+    LeaseRevoke { id: u64 },
 }
 
 impl Command {
@@ -100,6 +120,8 @@ impl Command {
             Command::Delete { .. } => "delete",
             Command::Txn { .. } => "txn",
             Command::Compact { .. } => "compact",
+            Command::LeaseGrant { .. } => "lease-grant",
+            Command::LeaseRevoke { .. } => "lease-revoke",
         }
     }
 }
@@ -121,6 +143,8 @@ impl fmt::Display for Command {
                 failure.len()
             ),
             Command::Compact { revision } => write!(f, "compact {revision}"),
+            Command::LeaseGrant { id, ttl_ms } => write!(f, "grant lease {id} ({ttl_ms} ms)"),
+            Command::LeaseRevoke { id } => write!(f, "revoke lease {id}"),
         }
     }
 }
@@ -179,6 +203,8 @@ pub enum TxnOp {
         key: String,
         #[serde(with = "serde_bytes")]
         value: Vec<u8>,
+        /// As in [`Command::Put`].
+        lease: u64,
     },
     Delete {
         key: String,
@@ -231,6 +257,18 @@ pub enum Outcome {
     /// future revision). Nothing changed.
     Rejected {
         reason: String,
+    },
+    /// A put named, or a revoke targeted, a lease that does not exist.
+    /// Nothing changed.
+    LeaseNotFound {
+        id: u64,
+    },
+    LeaseGranted {
+        lease: Lease,
+    },
+    /// The lease is gone, and with it `deleted_keys` keys.
+    LeaseRevoked {
+        deleted_keys: u64,
     },
 }
 
