@@ -28,6 +28,15 @@ pub enum ApiError {
     NotFound { key: String },
     #[error("member {id} not found")]
     MemberNotFound { id: u64 },
+    /// The lease does not exist (never granted, revoked or expired).
+    #[error("lease {id} not found (expired or revoked?)")]
+    LeaseNotFound { id: u64 },
+    /// A resource (`Kind namespace/name`) does not exist.
+    #[error("{what} not found")]
+    ResourceNotFound { what: String },
+    /// Mesh documents failed validation: one line per problem.
+    #[error("{}", .0.join("\n"))]
+    InvalidDocuments(Vec<String>),
     /// A compare-and-set / compare did not hold.
     #[error("compare failed for key {key}: its current mod_revision is {current}")]
     Conflict { key: String, current: u64 },
@@ -105,7 +114,11 @@ impl ApiError {
     fn code(&self) -> Code {
         match self {
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
-            ApiError::NotFound { .. } | ApiError::MemberNotFound { .. } => Code::NotFound,
+            ApiError::NotFound { .. }
+            | ApiError::MemberNotFound { .. }
+            | ApiError::LeaseNotFound { .. }
+            | ApiError::ResourceNotFound { .. } => Code::NotFound,
+            ApiError::InvalidDocuments(_) => Code::InvalidArgument,
             ApiError::Conflict { .. } => Code::FailedPrecondition,
             ApiError::Compacted { .. } | ApiError::OutOfRange(_) => Code::OutOfRange,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,

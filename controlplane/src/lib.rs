@@ -10,7 +10,9 @@
 //!   routed to the leader by [`node::Node::route`]; on the leader, writes
 //!   are batched into Raft entries by [`proposer`];
 //! - Raft peer RPC ([`peer`] serves, [`network`] dials), on `raft_addr`,
-//!   from the other control nodes.
+//!   from the other control nodes; followers also watch the leader's
+//!   process there ([`crash_detector`]) to fail over without waiting out
+//!   the election timeout.
 //!
 //! Data leaves through API responses and watch streams, which read the
 //! store's change feed ([`api::watch`]). Configuration is [`config`];
@@ -18,7 +20,9 @@
 
 pub mod api;
 pub mod config;
+pub mod crash_detector;
 pub mod error;
+pub mod leases;
 pub mod network;
 pub mod node;
 pub mod peer;

@@ -56,6 +56,8 @@ pub struct Node {
     admin_channels: Mutex<HashMap<String, Channel>>,
     barrier: ReadBarrier,
     proposer: Proposer,
+    /// Lease deadlines, while this node leads.
+    pub leases: crate::leases::LeaseKeeper,
 }
 
 /// Coalesces concurrent linearizable reads onto shared read-index rounds.
@@ -155,6 +157,23 @@ impl Node {
                 )));
             }
         }
+    }
+
+    /// Where a read is served: locally for a serializable read; else like
+    /// [`Node::route`], and when local only after a read barrier.
+    pub async fn read_route(
+        &self,
+        serializable: bool,
+        already_forwarded: bool,
+    ) -> Result<Route, ApiError> {
+        if serializable {
+            return Ok(Route::Local);
+        }
+        let route = self.route(already_forwarded).await?;
+        if let Route::Local = route {
+            self.read_barrier().await?;
+        }
+        Ok(route)
     }
 
     /// Propose `cmd` on this node (which [`Node::route`] found to be the
@@ -346,9 +365,15 @@ impl RunningNode {
                 .into_iter()
                 .collect::<BTreeMap<_, _>>(),
         );
-        let raft = Raft::new(config.id, raft_config, network, log_store, sm.clone())
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            config.id,
+            raft_config,
+            network.clone(),
+            log_store,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let request_timeout = Duration::from_millis(config.request_timeout_ms);
         let node = Arc::new(Node {
@@ -362,6 +387,7 @@ impl RunningNode {
             admin_channels: Mutex::default(),
             barrier: ReadBarrier::default(),
             proposer: Proposer::start(raft.clone(), request_timeout),
+            leases: Default::default(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -370,7 +396,7 @@ impl RunningNode {
         };
 
         let peer = trellis_proto::raft::raft_peer_server::RaftPeerServer::new(
-            crate::peer::PeerService::new(raft),
+            crate::peer::PeerService::new(raft.clone(), shutdown_rx.clone()),
         )
         .max_decoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES);
@@ -390,11 +416,25 @@ impl RunningNode {
         let admin_server = tonic::transport::Server::builder()
             .add_service(crate::api::kv_service(node.clone()))
             .add_service(crate::api::cluster_service(node.clone()))
+            .add_service(crate::api::lease_service(node.clone()))
+            .add_service(crate::api::resources_service(node.clone()))
             .add_service(reflection)
             .add_service(reflection_alpha)
-            .serve_with_incoming_shutdown(incoming(admin_listener), stop(shutdown_rx));
+            .serve_with_incoming_shutdown(incoming(admin_listener), stop(shutdown_rx.clone()));
 
-        let servers = vec![tokio::spawn(peer_server), tokio::spawn(admin_server)];
+        let mut servers = vec![tokio::spawn(peer_server), tokio::spawn(admin_server)];
+        let expiry = crate::leases::spawn(node.clone(), shutdown_rx.clone());
+        servers.push(tokio::spawn(async move {
+            let _ = expiry.await;
+            Ok(())
+        }));
+        if node.config.raft.crash_detection {
+            let detector = crate::crash_detector::spawn(node.raft.clone(), network, shutdown_rx);
+            servers.push(tokio::spawn(async move {
+                let _ = detector.await;
+                Ok(())
+            }));
+        }
         tracing::info!(
             node_id = node.id,
             raft = %addrs.raft,

@@ -59,7 +59,7 @@ fn size_of(cmd: &Command) -> usize {
             let ops = |ops: &[TxnOp]| -> usize {
                 ops.iter()
                     .map(|op| match op {
-                        TxnOp::Put { key, value } => key.len() + value.len(),
+                        TxnOp::Put { key, value, .. } => key.len() + value.len(),
                         TxnOp::Delete { key } | TxnOp::Get { key } => key.len(),
                     })
                     .sum()
@@ -76,7 +76,7 @@ fn size_of(cmd: &Command) -> usize {
                 .sum();
             compares + ops(success) + ops(failure)
         }
-        Command::Compact { .. } => 8,
+        Command::Compact { .. } | Command::LeaseGrant { .. } | Command::LeaseRevoke { .. } => 16,
     }
 }
 

@@ -47,6 +47,8 @@ use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 use trellis_proto::admin::cluster_client::ClusterClient;
 use trellis_proto::admin::kv_client::KvClient;
+use trellis_proto::admin::lease_client::LeaseClient;
+use trellis_proto::admin::resources_client::ResourcesClient;
 use trellis_proto::admin::{AddMemberRequest, InitializeRequest, StatusRequest, StatusResponse};
 
 /// Generated client for the subset of etcd's v3 API in `tests/proto/etcd.proto`
@@ -810,6 +812,22 @@ impl Cluster {
     /// If there is no node `id` (a bug in the test).
     pub fn cluster_client(&self, id: u64) -> ClusterClient<Channel> {
         ClusterClient::new(self.node(id).channel())
+    }
+
+    /// Lease client for node `id` (lazily connected).
+    ///
+    /// # Panics
+    /// If there is no node `id` (a bug in the test).
+    pub fn lease_client(&self, id: u64) -> LeaseClient<Channel> {
+        LeaseClient::new(self.node(id).channel())
+    }
+
+    /// Resources client for node `id` (lazily connected).
+    ///
+    /// # Panics
+    /// If there is no node `id` (a bug in the test).
+    pub fn resources_client(&self, id: u64) -> ResourcesClient<Channel> {
+        ResourcesClient::new(self.node(id).channel())
     }
 
     /// Admin gRPC address of node `id`.

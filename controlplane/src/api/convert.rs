@@ -44,7 +44,27 @@ pub fn check_value(field: &str, value: &[u8]) -> Result<(), ApiError> {
 /// Validate a put (before routing: bad input is not forwarded).
 pub fn check_put(r: &pb::PutRequest) -> Result<(), ApiError> {
     check_key("key", &r.key)?;
+    check_not_resource("key", &r.key)?;
     check_value("value", &r.value)
+}
+
+/// Mesh resources are written only through `Resources.Apply`, which
+/// validates them: a raw put there could hand sidecars a document that
+/// does not parse.
+pub fn check_not_resource(field: &str, key: &str) -> Result<(), ApiError> {
+    for kind in trellis_resources::Kind::ALL {
+        let prefix = trellis_resources::key_prefix(kind, None);
+        if key.starts_with(&prefix) {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "{key:?} is under {prefix}, where {} resources live; write them with Resources.Apply (`trellisctl apply`), which validates them",
+                    kind.as_str()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A validated `Put` command, taking the request's buffers (the domain
@@ -57,6 +77,7 @@ pub fn put_command(r: pb::PutRequest) -> Result<Command, ApiError> {
         value: r.value,
         expected_mod_revision: r.expected_mod_revision,
         prev_kv: r.prev_kv,
+        lease: r.lease,
     })
 }
 
@@ -78,6 +99,7 @@ fn txn_op(field: &str, op: &pb::TxnOp) -> Result<TxnOp, ApiError> {
         )),
         Some(pb::txn_op::Op::Put(p)) => {
             check_key(&format!("{field}.put.key"), &p.key)?;
+            check_not_resource(&format!("{field}.put.key"), &p.key)?;
             check_value(&format!("{field}.put.value"), &p.value)?;
             if p.expected_mod_revision.is_some() {
                 return Err(ApiError::invalid(
@@ -88,6 +110,7 @@ fn txn_op(field: &str, op: &pb::TxnOp) -> Result<TxnOp, ApiError> {
             Ok(TxnOp::Put {
                 key: p.key.clone(),
                 value: p.value.clone(),
+                lease: p.lease,
             })
         }
         Some(pb::txn_op::Op::Delete(d)) => {
@@ -222,6 +245,7 @@ pub fn kv_to_pb(kv: KeyValue) -> pb::KeyValue {
         create_revision: kv.create_revision,
         mod_revision: kv.mod_revision,
         version: kv.version,
+        lease: kv.lease,
     }
 }
 
@@ -273,6 +297,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("invalid argument: value:"));
+    }
+
+    #[test]
+    fn raw_puts_into_resource_keys_are_refused() {
+        let req = pb::PutRequest {
+            key: "/route/default/ratings".into(),
+            value: b"{}".to_vec(),
+            ..Default::default()
+        };
+        let err = put_command(req).unwrap_err().to_string();
+        assert!(err.contains("Resources.Apply") && err.contains("/route/"), "{err}");
+        let ok = pb::PutRequest {
+            key: "/routes-are-not-here".into(),
+            ..Default::default()
+        };
+        assert!(put_command(ok).is_ok());
     }
 
     #[test]

@@ -59,21 +59,11 @@ impl KvService {
             }),
             // Only compaction rejects (a race with the edge check above).
             Outcome::Rejected { reason } => Err(ApiError::OutOfRange(reason)),
+            Outcome::LeaseNotFound { id } => Err(ApiError::LeaseNotFound { id }),
             _ => Ok(resp),
         }
     }
 
-    /// Wait for a read barrier unless the read may be stale.
-    async fn read_route(&self, serializable: bool, forwarded: bool) -> Result<Route, ApiError> {
-        if serializable {
-            return Ok(Route::Local);
-        }
-        let route = self.node.route(forwarded).await?;
-        if let Route::Local = route {
-            self.node.read_barrier().await?;
-        }
-        Ok(route)
-    }
 }
 
 fn unexpected(what: &'static str, outcome: &Outcome) -> ApiError {
@@ -114,7 +104,7 @@ impl Kv for KvService {
         let forwarded = is_forwarded(&req);
         let pb_req = req.into_inner();
         check_key("key", &pb_req.key)?;
-        match self.read_route(pb_req.serializable, forwarded).await? {
+        match self.node.read_route(pb_req.serializable, forwarded).await? {
             Route::Forward { channel, leader } => self
                 .client(channel)
                 .get(forward_request(pb_req, self.node.request_timeout))
@@ -156,7 +146,7 @@ impl Kv for KvService {
             }
             n => n,
         };
-        match self.read_route(pb_req.serializable, forwarded).await? {
+        match self.node.read_route(pb_req.serializable, forwarded).await? {
             Route::Forward { channel, leader } => self
                 .client(channel)
                 .list(forward_request(pb_req, self.node.request_timeout))

@@ -7,6 +7,10 @@
 //! - [`watch`]: the watch stream task (reads the store's change feed).
 //! - [`cluster`]: `Cluster` — initialize, status, members, leader
 //!   transfer, snapshot.
+//! - [`lease`]: `Lease` — grant, keepalive, revoke, list (deadlines in
+//!   [`crate::leases`]).
+//! - [`resources`]: `Resources` — apply, get, list, delete mesh documents
+//!   (`trellis/v1`, parsed and validated by `trellis-resources`).
 //!
 //! Writes and linearizable reads go through [`crate::node::Node::route`]:
 //! served here if this node leads, else forwarded once to the leader
@@ -15,12 +19,16 @@
 pub mod cluster;
 pub mod convert;
 pub mod kv;
+pub mod lease;
+pub mod resources;
 pub mod watch;
 
 use std::sync::Arc;
 
 use trellis_proto::admin::cluster_server::ClusterServer;
 use trellis_proto::admin::kv_server::KvServer;
+use trellis_proto::admin::lease_server::LeaseServer;
+use trellis_proto::admin::resources_server::ResourcesServer;
 
 use crate::node::{Node, MAX_ADMIN_MESSAGE_BYTES};
 
@@ -80,6 +88,18 @@ pub fn forward_request<T>(msg: T, timeout: std::time::Duration) -> tonic::Reques
 /// The `KV` service of `node`.
 pub fn kv_service(node: Arc<Node>) -> KvServer<kv::KvService> {
     KvServer::new(kv::KvService::new(node))
+        .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
+}
+
+/// The `Lease` service of `node`.
+pub fn lease_service(node: Arc<Node>) -> LeaseServer<lease::LeaseService> {
+    LeaseServer::new(lease::LeaseService::new(node))
+}
+
+/// The `Resources` service of `node`.
+pub fn resources_service(node: Arc<Node>) -> ResourcesServer<resources::ResourcesService> {
+    ResourcesServer::new(resources::ResourcesService::new(node))
         .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
 }
