@@ -204,12 +204,24 @@ mod tests {
     async fn deadlines_follow_grants_keepalives_and_leadership() {
         let k = LeaseKeeper::default();
         assert!(k.leading_in(3));
-        k.reload(3, vec![Lease { id: 1, ttl_ms: 2_000 }]);
+        k.reload(
+            3,
+            vec![Lease {
+                id: 1,
+                ttl_ms: 2_000,
+            }],
+        );
         assert!(!k.leading_in(3));
-        k.granted(Lease { id: 2, ttl_ms: 1_000 });
+        k.granted(Lease {
+            id: 2,
+            ttl_ms: 1_000,
+        });
         tokio::time::advance(Duration::from_millis(1_500)).await;
         assert_eq!(k.expired(Instant::now()), vec![2]);
-        k.keep_alive(Lease { id: 1, ttl_ms: 2_000 });
+        k.keep_alive(Lease {
+            id: 1,
+            ttl_ms: 2_000,
+        });
         tokio::time::advance(Duration::from_millis(1_000)).await;
         // Lease 1 was renewed 1 s ago with a 2 s TTL.
         assert_eq!(k.remaining(1), Some(Duration::from_millis(1_000)));

@@ -324,17 +324,20 @@ impl LogStore {
             first_kept: Arc::default(),
         };
         // Finish a purge a crash interrupted.
-        let purged: Option<LogId> = store
-            .read_meta(META_LAST_PURGED, "last purged")
-            .map_err(|e| StoreError::Io {
-                what: "read the raft log purge point".into(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        let purged: Option<LogId> =
+            store
+                .read_meta(META_LAST_PURGED, "last purged")
+                .map_err(|e| StoreError::Io {
+                    what: "read the raft log purge point".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
         if let Some(p) = purged {
-            store.mark_purged(p.index).map_err(|source| StoreError::Io {
-                what: "purge the raft log".into(),
-                source,
-            })?;
+            store
+                .mark_purged(p.index)
+                .map_err(|source| StoreError::Io {
+                    what: "purge the raft log".into(),
+                    source,
+                })?;
         }
         Ok(store)
     }
@@ -556,7 +559,11 @@ mod tests {
         store.purge(log_id(2_500)).await.expect("purge");
         let left = store.try_get_log_entries(..).await.expect("read");
         assert_eq!(indexes(&left), (2_501..=3_000).collect::<Vec<_>>());
-        assert!(store.try_get_log_entries(10..20).await.expect("read").is_empty());
+        assert!(store
+            .try_get_log_entries(10..20)
+            .await
+            .expect("read")
+            .is_empty());
         let state = store.get_log_state().await.expect("state");
         assert_eq!(state.last_purged_log_id, Some(log_id(2_500)));
         assert_eq!(state.last_log_id, Some(log_id(3_000)));
@@ -577,7 +584,11 @@ mod tests {
         }
         // What a restart does: open the log store over the same database.
         let mut store = LogStore::new(db, None).expect("store");
-        assert!(store.try_get_log_entries(..).await.expect("read").is_empty());
+        assert!(store
+            .try_get_log_entries(..)
+            .await
+            .expect("read")
+            .is_empty());
         // Everything is purged: the last log id is the purge point.
         let state = store.get_log_state().await.expect("state");
         assert_eq!(state.last_log_id, Some(log_id(100)));

@@ -1158,12 +1158,18 @@ mod tests {
     fn revoking_a_lease_deletes_its_keys_at_one_revision() {
         let mut f = Fixture::new();
         // Grant changes no key: no revision.
-        let r = f.apply1(Command::LeaseGrant { id: 7, ttl_ms: 5_000 });
+        let r = f.apply1(Command::LeaseGrant {
+            id: 7,
+            ttl_ms: 5_000,
+        });
         assert_eq!(r.revision, 0);
         assert_eq!(
             r.outcome,
             Outcome::LeaseGranted {
-                lease: Lease { id: 7, ttl_ms: 5_000 }
+                lease: Lease {
+                    id: 7,
+                    ttl_ms: 5_000
+                }
             }
         );
         // Granting it again, or lease 0, is refused.
@@ -1173,7 +1179,10 @@ mod tests {
         ));
         // Puts under a missing lease change nothing.
         let r = f.apply1(put_leased("/x", 9));
-        assert_eq!((r.revision, r.outcome), (0, Outcome::LeaseNotFound { id: 9 }));
+        assert_eq!(
+            (r.revision, r.outcome),
+            (0, Outcome::LeaseNotFound { id: 9 })
+        );
         f.apply(vec![
             put_leased("/i/a", 7),
             put_leased("/i/b", 7),
@@ -1211,7 +1220,10 @@ mod tests {
     fn grant_attach_and_revoke_work_inside_one_apply_call() {
         let mut f = Fixture::new();
         let r = f.apply(vec![
-            Command::LeaseGrant { id: 3, ttl_ms: 1_000 },
+            Command::LeaseGrant {
+                id: 3,
+                ttl_ms: 1_000,
+            },
             put_leased("/k", 3),
             Command::LeaseRevoke { id: 3 },
         ]);
@@ -1224,7 +1236,10 @@ mod tests {
     fn leases_travel_in_snapshots() {
         let mut f = Fixture::new();
         f.apply(vec![
-            Command::LeaseGrant { id: 4, ttl_ms: 2_000 },
+            Command::LeaseGrant {
+                id: 4,
+                ttl_ms: 2_000,
+            },
             put_leased("/a", 4),
         ]);
         let body = f.store.export().expect("export");
@@ -1349,7 +1364,7 @@ mod tests {
             success: vec![TxnOp::Put {
                 key: "/z".into(),
                 value: vec![],
-                    lease: 0,
+                lease: 0,
             }],
             failure: vec![TxnOp::Get { key: "/y".into() }],
         });
@@ -1412,7 +1427,7 @@ mod tests {
                         value: b"lost".to_vec(),
                         expected_mod_revision: Some(0),
                         prev_kv: true,
-            lease: 0,
+                        lease: 0,
                     },
                     put("/b/2", "b"),
                 ],

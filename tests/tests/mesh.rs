@@ -114,7 +114,11 @@ async fn get_route_json(c: &Cluster, node: u64, name: &str) -> Result<Option<(Ve
 async fn apply_is_atomic_validated_and_round_trips() -> Result<()> {
     let c = Cluster::start(3).await?;
     let leader = c.leader().await?;
-    let follower = c.ids().into_iter().find(|id| *id != leader).context("no follower")?;
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .context("no follower")?;
 
     // A set of three documents from two files: one revision for all.
     let canary = route("ratings", 90, 10);
@@ -131,20 +135,31 @@ async fn apply_is_atomic_validated_and_round_trips() -> Result<()> {
         actions(&first),
         vec![
             ("Service default/ratings".to_string(), Action::Created),
-            ("DestinationPolicy default/ratings".to_string(), Action::Created),
+            (
+                "DestinationPolicy default/ratings".to_string(),
+                Action::Created
+            ),
             ("Route default/ratings".to_string(), Action::Created),
         ]
     );
-    assert!(first.results.iter().all(|r| r.mod_revision == first.revision));
+    assert!(first
+        .results
+        .iter()
+        .all(|r| r.mod_revision == first.revision));
 
     // The stored form is the canonical JSON of the parsed document, and it
     // parses back to the same resource (round trip through the store).
-    let (json, rev) = get_route_json(&c, leader, "ratings").await?.context("route missing")?;
+    let (json, rev) = get_route_json(&c, leader, "ratings")
+        .await?
+        .context("route missing")?;
     assert_eq!(rev, first.revision);
     let parsed = trellis_resources::parse_documents("route.yaml", &canary)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     assert_eq!(json, parsed[0].to_json());
-    assert_eq!(trellis_resources::Resource::from_json(&json).map_err(|e| anyhow::anyhow!("{e}"))?, parsed[0]);
+    assert_eq!(
+        trellis_resources::Resource::from_json(&json).map_err(|e| anyhow::anyhow!("{e}"))?,
+        parsed[0]
+    );
 
     // Applying the same set again changes nothing and spends no revision.
     let again = apply(
@@ -184,7 +199,10 @@ async fn apply_is_atomic_validated_and_round_trips() -> Result<()> {
         "{msg}"
     );
     assert_eq!(c.status(leader).await?.revision, before);
-    assert_eq!(get_route_json(&c, leader, "ratings").await?.map(|x| x.1), Some(first.revision));
+    assert_eq!(
+        get_route_json(&c, leader, "ratings").await?.map(|x| x.1),
+        Some(first.revision)
+    );
     assert_eq!(get_route_json(&c, leader, "broken").await?, None);
 
     // A subset the destination's policy does not define.
@@ -193,17 +211,38 @@ async fn apply_is_atomic_validated_and_round_trips() -> Result<()> {
         .await
         .expect_err("an unknown subset must fail");
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("v9") && err.message().contains("missing.yaml"), "{}", err.message());
+    assert!(
+        err.message().contains("v9") && err.message().contains("missing.yaml"),
+        "{}",
+        err.message()
+    );
 
     // Dry run: reports the change, commits nothing.
-    let dry = apply(&c, follower, vec![doc("route.yaml", &route("ratings", 50, 50))], true, None).await?;
-    assert_eq!(actions(&dry), vec![("Route default/ratings".to_string(), Action::Configured)]);
+    let dry = apply(
+        &c,
+        follower,
+        vec![doc("route.yaml", &route("ratings", 50, 50))],
+        true,
+        None,
+    )
+    .await?;
+    assert_eq!(
+        actions(&dry),
+        vec![("Route default/ratings".to_string(), Action::Configured)]
+    );
     assert_eq!(dry.revision, 0);
     assert_eq!(c.status(leader).await?.revision, before);
 
     // Optimistic concurrency: a set read at an old revision is refused
     // once one of its resources changed after it.
-    let changed = apply(&c, leader, vec![doc("route.yaml", &route("ratings", 50, 50))], false, None).await?;
+    let changed = apply(
+        &c,
+        leader,
+        vec![doc("route.yaml", &route("ratings", 50, 50))],
+        false,
+        None,
+    )
+    .await?;
     let stale = apply(
         &c,
         follower,
@@ -225,13 +264,22 @@ async fn apply_is_atomic_validated_and_round_trips() -> Result<()> {
 
     // A host has one Route: a second one for `ratings` is refused, naming
     // the Route that holds it.
-    let err = apply(&c, follower, vec![doc("ab.yaml", &route("ratings-ab", 50, 50))], false, None)
-        .await
-        .expect_err("a second route for the same host");
+    let err = apply(
+        &c,
+        follower,
+        vec![doc("ab.yaml", &route("ratings-ab", 50, 50))],
+        false,
+        None,
+    )
+    .await
+    .expect_err("a second route for the same host");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
-        err.message().contains("ab.yaml: Route default/ratings-ab: spec.hosts[0]")
-            && err.message().contains("already routed by Route default/ratings"),
+        err.message()
+            .contains("ab.yaml: Route default/ratings-ab: spec.hosts[0]")
+            && err
+                .message()
+                .contains("already routed by Route default/ratings"),
         "{}",
         err.message()
     );
@@ -295,9 +343,12 @@ async fn register(c: &Cluster, node: u64, lease: u64, names: &[&str]) -> Result<
     Ok(r.revision)
 }
 
-async fn watch_instances(c: &Cluster, node: u64, after: u64) -> Result<tonic::Streaming<WatchResponse>> {
-    Ok(c
-        .kv(node)
+async fn watch_instances(
+    c: &Cluster,
+    node: u64,
+    after: u64,
+) -> Result<tonic::Streaming<WatchResponse>> {
+    Ok(c.kv(node)
         .watch(WatchRequest {
             prefix: "/instance/".into(),
             start_revision: after + 1,
@@ -328,10 +379,17 @@ async fn next_events(
 async fn an_expired_lease_deletes_its_instances_in_one_committed_revision() -> Result<()> {
     let c = Cluster::start(3).await?;
     let leader = c.leader().await?;
-    let follower = c.ids().into_iter().find(|id| *id != leader).context("no follower")?;
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .context("no follower")?;
     let lease = c
         .lease_client(follower)
-        .grant(LeaseGrantRequest { ttl_ms: 1_500, id: 0 })
+        .grant(LeaseGrantRequest {
+            ttl_ms: 1_500,
+            id: 0,
+        })
         .await?
         .into_inner();
     let registered = register(&c, follower, lease.id, &["ratings-a", "ratings-b"]).await?;
@@ -343,14 +401,25 @@ async fn an_expired_lease_deletes_its_instances_in_one_committed_revision() -> R
     let mut keys: Vec<(i32, String)> = m
         .events
         .iter()
-        .map(|e| (e.r#type, e.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default()))
+        .map(|e| {
+            (
+                e.r#type,
+                e.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default(),
+            )
+        })
         .collect();
     keys.sort();
     assert_eq!(
         keys,
         vec![
-            (event::EventType::Delete as i32, "/instance/default/ratings-a".to_string()),
-            (event::EventType::Delete as i32, "/instance/default/ratings-b".to_string()),
+            (
+                event::EventType::Delete as i32,
+                "/instance/default/ratings-a".to_string()
+            ),
+            (
+                event::EventType::Delete as i32,
+                "/instance/default/ratings-b".to_string()
+            ),
         ],
         "both instances go in one revision"
     );
@@ -392,7 +461,10 @@ async fn keepalives_carry_a_lease_across_a_leader_failover() -> Result<()> {
                 _ = stop_rx.changed() => return Ok::<(), anyhow::Error>(()),
             }
             let mut client = clients[i % clients.len()].clone();
-            match client.keep_alive(LeaseKeepAliveRequest { id: lease.id }).await {
+            match client
+                .keep_alive(LeaseKeepAliveRequest { id: lease.id })
+                .await
+            {
                 Ok(_) => {}
                 Err(s) if s.code() == Code::NotFound => bail!("lease lost: {s}"),
                 Err(_) => i += 1, // that node cannot serve it now: try the other

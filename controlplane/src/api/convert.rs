@@ -307,7 +307,10 @@ mod tests {
             ..Default::default()
         };
         let err = put_command(req).unwrap_err().to_string();
-        assert!(err.contains("Resources.Apply") && err.contains("/route/"), "{err}");
+        assert!(
+            err.contains("Resources.Apply") && err.contains("/route/"),
+            "{err}"
+        );
         let ok = pb::PutRequest {
             key: "/routes-are-not-here".into(),
             ..Default::default()

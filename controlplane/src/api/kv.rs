@@ -63,7 +63,6 @@ impl KvService {
             _ => Ok(resp),
         }
     }
-
 }
 
 fn unexpected(what: &'static str, outcome: &Outcome) -> ApiError {

@@ -35,7 +35,10 @@ impl LeaseService {
         LeaseClient::new(channel)
     }
 
-    async fn grant_local(&self, r: pb::LeaseGrantRequest) -> Result<pb::LeaseGrantResponse, ApiError> {
+    async fn grant_local(
+        &self,
+        r: pb::LeaseGrantRequest,
+    ) -> Result<pb::LeaseGrantResponse, ApiError> {
         let chosen = r.id != 0;
         for _ in 0..ID_ATTEMPTS {
             // Random ids below 2^53 survive JSON clients intact.
@@ -204,8 +207,7 @@ impl LeaseApi for LeaseService {
                 let mut leases = Vec::new();
                 for lease in self.node.store.leases().map_err(store_err)? {
                     // Revoked between the two reads: leave it out.
-                    let Some((lease, keys)) =
-                        self.node.store.lease(lease.id).map_err(store_err)?
+                    let Some((lease, keys)) = self.node.store.lease(lease.id).map_err(store_err)?
                     else {
                         continue;
                     };

@@ -244,7 +244,13 @@ impl ResourcesService {
         let page = self
             .node
             .store
-            .list(&key_prefix(kind, Some(ns)), None, usize::MAX, usize::MAX, false)
+            .list(
+                &key_prefix(kind, Some(ns)),
+                None,
+                usize::MAX,
+                usize::MAX,
+                false,
+            )
             .map_err(|e| ApiError::internal("store list", e))?;
         Ok(page
             .kvs
@@ -295,7 +301,10 @@ fn parse_set(docs: &[pb::SourceDocument]) -> Result<Vec<(String, Resource)>, Api
         return Err(ApiError::InvalidDocuments(problems));
     }
     if set.is_empty() {
-        return Err(ApiError::invalid("documents", "no resources in the documents"));
+        return Err(ApiError::invalid(
+            "documents",
+            "no resources in the documents",
+        ));
     }
     if set.len() > MAX_APPLY_RESOURCES {
         return Err(ApiError::invalid(
@@ -314,7 +323,10 @@ fn parse_kind(field: &str, kind: &str) -> Result<Kind, ApiError> {
         let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
         ApiError::invalid(
             field,
-            format!("unknown kind {kind:?}; expected one of {}", known.join(", ")),
+            format!(
+                "unknown kind {kind:?}; expected one of {}",
+                known.join(", ")
+            ),
         )
     })
 }
@@ -386,9 +398,11 @@ impl Resources for ResourcesService {
                 .map_err(|s| forward_error(leader, s)),
             Route::Local => {
                 let revision = self.node.store.revision();
-                let kv = self.get_kv(&key)?.ok_or_else(|| ApiError::ResourceNotFound {
-                    what: format!("{} {ns}/{}", kind.as_str(), r.name),
-                })?;
+                let kv = self
+                    .get_kv(&key)?
+                    .ok_or_else(|| ApiError::ResourceNotFound {
+                        what: format!("{} {ns}/{}", kind.as_str(), r.name),
+                    })?;
                 Ok(Response::new(pb::ResourceGetResponse {
                     header: Some(self.node.header(revision)),
                     resource: Some(to_pb(kv)),

@@ -1,9 +1,11 @@
 //! `trellisctl`: the operator CLI of Trellis.
 //!
-//! Talks to the `trellisd` admin gRPC API (`trellis.admin.v1`): the revisioned
-//! key-value store (`put`, `get`, `list`, `delete`, `compact`, `watch`) and
-//! cluster operations (`cluster`, `member`, `leader`). Exit codes follow the
-//! table in `docs/CONTRACTS.md`.
+//! Talks to the `trellisd` admin gRPC API (`trellis.admin.v1`): mesh
+//! resources (`apply`, `diff`, `get KIND`, `delete KIND`, `watch KIND`),
+//! leases (`lease`), the revisioned key-value store (`put`, `get`, `list`,
+//! `delete`, `compact`, `watch`, and the same under `kv`) and cluster
+//! operations (`cluster`, `member`, `leader`). Exit codes follow the table
+//! in `docs/CONTRACTS.md`.
 //!
 //! This file only parses the command line, runs the command on a
 //! single-threaded Tokio runtime and turns the outcome into an exit code; the
@@ -17,12 +19,20 @@ mod client;
 mod cluster;
 #[path = "trellisctl/commands.rs"]
 mod commands;
+#[path = "trellisctl/diff.rs"]
+mod diff;
 #[path = "trellisctl/error.rs"]
 mod error;
+#[path = "trellisctl/files.rs"]
+mod files;
 #[path = "trellisctl/kv.rs"]
 mod kv;
+#[path = "trellisctl/lease.rs"]
+mod lease;
 #[path = "trellisctl/output.rs"]
 mod output;
+#[path = "trellisctl/resources.rs"]
+mod resources;
 #[path = "trellisctl/watch.rs"]
 mod watch;
 

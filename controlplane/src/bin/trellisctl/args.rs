@@ -1,7 +1,13 @@
 //! Command-line syntax of trellisctl (clap derive) and the value parsers for
 //! `--timeout` (humane durations such as `5s`, `500ms`, `1m30s`) and
 //! `--endpoints` (`host:port` or `http://host:port`).
+//!
+//! `get`, `delete` and `watch` take either a resource kind or a raw key
+//! (prefix) as their first argument; which one is decided after parsing
+//! (`commands.rs`): a first argument that `Kind::parse` accepts is a kind.
+//! The `kv` group always means the raw key-value form.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -10,8 +16,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "trellisctl", version, propagate_version = true)]
 #[command(
-    after_help = "Exit codes: 0 ok, 1 other error, 2 usage or invalid argument, \
-3 not found, 4 compare-and-set conflict, 5 unavailable, 6 degraded (cluster status)."
+    after_help = "Resource kinds (for apply, diff, get, delete, watch): service (svc), \
+instance (inst), route (rt), destinationpolicy (dp), quota, accesspolicy (ap); plurals work too. \
+`get`, `delete` and `watch` treat a first argument that names a kind as a kind and anything \
+else as a key; `trellisctl kv ...` always means keys.
+
+Exit codes: 0 ok, 1 other error, 2 usage or invalid argument, \
+3 not found, 4 compare-and-set conflict, 5 unavailable, 6 degraded (cluster status). \
+`diff` exits 1 when there are differences and 2 for other errors."
 )]
 pub struct Cli {
     /// Admin addresses of trellisd nodes, tried in order (comma-separated)
@@ -26,7 +38,8 @@ pub struct Cli {
     )]
     pub endpoints: Vec<String>,
 
-    /// Output format: aligned tables for people, one JSON document for scripts
+    /// Output format: aligned tables for people, JSON for scripts, YAML
+    /// documents (`get KIND` only)
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
 
@@ -40,25 +53,43 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
+    /// Aligned columns (or plain lines) for people
     Table,
+    /// JSON for scripts (one document; one line per event for streams)
     Json,
+    /// YAML documents, re-appliable as they are; only `get KIND [NAME]`
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Create or update mesh resources from files, directories or stdin, all
+    /// in one atomic change
+    Apply(ApplyArgs),
+    /// Show what `apply` would change, as a unified diff of YAML (exit 0: no
+    /// changes, 1: changes, 2 or more: error)
+    Diff(DiffArgs),
+    /// Show resources (`get KIND [NAME]`) or read one key (`get KEY`)
+    Get(GetCmdArgs),
     /// Write a value (VALUE `-` reads standard input to EOF)
     Put(PutArgs),
-    /// Read one key (prints the value only; `-o json` adds revisions)
-    Get(GetArgs),
     /// List keys under a prefix (all pages unless --limit)
     List(ListArgs),
-    /// Delete one key (exit 3 if it did not exist)
+    /// Delete a resource (`delete KIND NAME`, `delete -f PATH`) or one key
+    /// (`delete KEY`); exit 3 if it did not exist
     #[command(visible_alias = "del")]
-    Delete(DeleteArgs),
+    Delete(DeleteCmdArgs),
     /// Forget watch history at and below a revision
     Compact(CompactArgs),
-    /// Stream changes under a prefix, resuming on another endpoint on failure
-    Watch(WatchArgs),
+    /// Stream changes to resources of a kind (`watch KIND`) or under a key
+    /// prefix (`watch [PREFIX]`), resuming on another endpoint on failure
+    Watch(WatchCmdArgs),
+    /// The raw key-value commands (for keys that look like kind names)
+    #[command(subcommand)]
+    Kv(KvCommand),
+    /// Grant, keep alive, revoke and list leases
+    #[command(subcommand)]
+    Lease(LeaseCommand),
     /// Form the cluster, show its state, take snapshots
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -83,6 +114,9 @@ pub struct PutArgs {
     /// Show the previous value
     #[arg(long)]
     pub prev_kv: bool,
+    /// Attach the key to lease ID (deleted when the lease expires)
+    #[arg(long, value_name = "ID", default_value_t = 0)]
+    pub lease: u64,
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +170,170 @@ pub struct WatchArgs {
     /// Deliver every event from this revision on (default: from now)
     #[arg(long, value_name = "N")]
     pub rev: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KvCommand {
+    /// Write a value (VALUE `-` reads standard input to EOF)
+    Put(PutArgs),
+    /// Read one key (prints the value only; `-o json` adds revisions)
+    Get(GetArgs),
+    /// List keys under a prefix (all pages unless --limit)
+    List(ListArgs),
+    /// Delete one key (exit 3 if it did not exist)
+    #[command(visible_alias = "del")]
+    Delete(DeleteArgs),
+    /// Forget watch history at and below a revision
+    Compact(CompactArgs),
+    /// Stream changes under a prefix, resuming on another endpoint on failure
+    Watch(WatchArgs),
+}
+
+/// Where resource documents come from.
+#[derive(Debug, Args)]
+pub struct FileArgs {
+    /// A file, a directory (its *.yaml, *.yml and *.json files, in name
+    /// order) or `-` for standard input; repeat for more
+    #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
+    pub filenames: Vec<PathBuf>,
+    /// Also read the subdirectories of directories given with -f
+    #[arg(short = 'R', long)]
+    pub recursive: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub files: FileArgs,
+    /// Validate and show what would change; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Apply only if no resource of the set changed after revision N (exit 4 otherwise)
+    #[arg(long, value_name = "N")]
+    pub expected_revision: Option<u64>,
+    /// Attach every resource of the set to lease ID (deleted when it expires)
+    #[arg(long, value_name = "ID", default_value_t = 0)]
+    pub lease: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub files: FileArgs,
+    /// Compare with an apply that attaches the resources to lease ID
+    #[arg(long, value_name = "ID", default_value_t = 0)]
+    pub lease: u64,
+}
+
+/// `get KIND [NAME] [-n NS | -A]` or `get KEY`.
+#[derive(Debug, Args)]
+pub struct GetCmdArgs {
+    /// A resource kind (route, routes, rt, svc, ...) or, if it is none, a key
+    #[arg(value_name = "KIND|KEY", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub target: String,
+    /// The resource's name (with KIND; all resources of the kind without it)
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+    /// Namespace of the resources (with KIND) [default: default]
+    #[arg(short = 'n', long, value_name = "NS", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub namespace: Option<String>,
+    /// Resources of every namespace (with KIND, without NAME)
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
+    /// Read this node's applied state (may be stale; no leader round trip)
+    #[arg(long)]
+    pub serializable: bool,
+}
+
+/// `delete KIND NAME [-n NS]`, `delete -f PATH` or `delete KEY`.
+#[derive(Debug, Args)]
+pub struct DeleteCmdArgs {
+    /// A resource kind (route, rt, svc, ...) or, if it is none, a key
+    #[arg(
+        value_name = "KIND|KEY",
+        required_unless_present = "filenames",
+        conflicts_with = "filenames",
+        value_parser = clap::builder::NonEmptyStringValueParser::new()
+    )]
+    pub target: Option<String>,
+    /// The resource's name (with KIND)
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+    /// Namespace of the resource (with KIND) [default: default]
+    #[arg(short = 'n', long, value_name = "NS", value_parser = clap::builder::NonEmptyStringValueParser::new(), conflicts_with = "filenames")]
+    pub namespace: Option<String>,
+    /// Delete the resources named in these files, directories (*.yaml,
+    /// *.yml, *.json) or `-` (stdin); repeat for more
+    #[arg(short = 'f', long = "filename", value_name = "PATH")]
+    pub filenames: Vec<PathBuf>,
+    /// Also read the subdirectories of directories given with -f
+    #[arg(short = 'R', long, requires = "filenames")]
+    pub recursive: bool,
+    /// Delete only if the key's (resource's) mod_revision equals N
+    #[arg(long, value_name = "N", conflicts_with = "filenames")]
+    pub expected_revision: Option<u64>,
+    /// Resources that do not exist are not an error (with KIND or -f)
+    #[arg(long)]
+    pub ignore_not_found: bool,
+}
+
+/// `watch KIND [-n NS | -A]` or `watch [PREFIX]`.
+#[derive(Debug, Args)]
+pub struct WatchCmdArgs {
+    /// A resource kind (routes, svc, ...) or, if it is none, a key prefix
+    /// (default: every key)
+    #[arg(value_name = "KIND|PREFIX", default_value = "")]
+    pub target: String,
+    /// Namespace to watch (with KIND) [default: default]
+    #[arg(short = 'n', long, value_name = "NS", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub namespace: Option<String>,
+    /// Watch every namespace (with KIND)
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
+    /// Deliver every event from this revision on (default: from now)
+    #[arg(long, value_name = "N")]
+    pub rev: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Grant a lease with a time to live (e.g. 10s); prints its id
+    Grant(LeaseGrantArgs),
+    /// Restart a lease's TTL: once, or every TTL/3 until interrupted (exit 3
+    /// once the lease is gone)
+    #[command(visible_alias = "keep-alive")]
+    Keepalive(LeaseKeepAliveArgs),
+    /// Revoke a lease and delete the keys attached to it
+    Revoke(LeaseIdArgs),
+    /// List leases with their remaining time and keys
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaseGrantArgs {
+    /// Time to live, 1s to 24h (e.g. 10s, 1m)
+    #[arg(value_name = "TTL", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Use this id instead of a random one (exit 4 if it is taken)
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    pub id: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaseKeepAliveArgs {
+    /// The lease id
+    #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    pub id: u64,
+    /// Keep the lease alive once and exit
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaseIdArgs {
+    /// The lease id
+    #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    pub id: u64,
 }
 
 #[derive(Debug, Subcommand)]

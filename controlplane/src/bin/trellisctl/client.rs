@@ -98,11 +98,16 @@ impl Failure {
     }
 
     /// `<what>: <message> (endpoint <endpoint>)` with the right exit code.
+    /// A message of several lines (one problem per line, e.g. invalid
+    /// documents) is kept as is, below `<what> (endpoint <endpoint>):`.
     pub fn into_error(self, what: &str, endpoint: &str) -> CliError {
-        CliError::new(
-            self.exit_code(),
-            format!("{what}: {} (endpoint {endpoint})", self.message()),
-        )
+        let message = self.message();
+        let text = if message.contains('\n') {
+            format!("{what} (endpoint {endpoint}):\n{}", message.trim_end())
+        } else {
+            format!("{what}: {message} (endpoint {endpoint})")
+        };
+        CliError::new(self.exit_code(), text)
     }
 }
 
@@ -350,6 +355,15 @@ mod tests {
         assert_eq!(
             e.message.as_deref(),
             Some("get \"a\": key not found (endpoint h:1)")
+        );
+        let e = Failure::Status(Status::invalid_argument(
+            "a.yaml: x: bad\nb.yaml:3:1: y: worse",
+        ))
+        .into_error("apply", "h:1");
+        assert_eq!(e.code, 2);
+        assert_eq!(
+            e.message.as_deref(),
+            Some("apply (endpoint h:1):\na.yaml: x: bad\nb.yaml:3:1: y: worse")
         );
         let empty = Failure::Status(Status::new(Code::Unavailable, "")).message();
         assert!(!empty.is_empty());

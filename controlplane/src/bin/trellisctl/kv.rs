@@ -38,6 +38,7 @@ pub async fn put(ctx: &Ctx, args: PutArgs) -> Result<(), CliError> {
         value,
         expected_mod_revision: args.expected_revision,
         prev_kv: args.prev_kv,
+        lease: args.lease,
     };
     let what = format!("put {}", shown_key(&args.key));
     let answer = ctx

@@ -1,5 +1,7 @@
 //! `watch`: streams the changes under a prefix, one line (or JSON object)
-//! per event, and survives node failures.
+//! per event, and survives node failures. `watch KIND` is the same stream
+//! on the kind's key prefix (`/route/default/`), shown as resource events
+//! (`ADDED Route default/ratings (revision 12)`).
 //!
 //! Without `--rev` the start ("now") is pinned to a concrete revision first
 //! (a one-key `List` gives the current revision), so a reconnect never loses
@@ -10,11 +12,13 @@
 
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::{json, Value};
 use tonic::Code;
 use trellis_proto::admin::event::EventType;
 use trellis_proto::admin::kv_client::KvClient;
-use trellis_proto::admin::{ListRequest, WatchRequest, WatchResponse};
+use trellis_proto::admin::{KeyValue, ListRequest, WatchRequest, WatchResponse};
+use trellis_resources::{key_prefix, parse_key, Kind, Resource};
 
 use crate::args::WatchArgs;
 use crate::client::{fmt_duration, with_deadline, Failure};
@@ -27,11 +31,48 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 /// Reconnects in a row without any answer before giving up (per endpoint).
 const ATTEMPTS_PER_ENDPOINT: usize = 2;
 
+/// How events are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `PUT key rev=N value` / `DELETE key rev=N`.
+    Keys,
+    /// `ADDED|MODIFIED|DELETED Kind ns/name (revision N)`.
+    Resources,
+}
+
+/// `watch [PREFIX]`: every change under a key prefix.
 pub async fn watch(ctx: &Ctx, args: WatchArgs) -> Result<(), CliError> {
     let what = format!("watch {:?}", args.prefix);
-    let mut next = match args.rev {
+    run(ctx, &what, &args.prefix, args.rev, Mode::Keys).await
+}
+
+/// `watch KIND [-n NS | -A]`: changes to resources of one kind, in one
+/// namespace (`None`: every namespace).
+pub async fn watch_resources(
+    ctx: &Ctx,
+    kind: Kind,
+    namespace: Option<&str>,
+    rev: Option<u64>,
+) -> Result<(), CliError> {
+    let prefix = key_prefix(kind, namespace);
+    let what = match namespace {
+        Some(ns) => format!("watch {kind} in namespace {ns}"),
+        None => format!("watch {kind} in every namespace"),
+    };
+    run(ctx, &what, &prefix, rev, Mode::Resources).await
+}
+
+async fn run(
+    ctx: &Ctx,
+    what: &str,
+    prefix: &str,
+    rev: Option<u64>,
+    mode: Mode,
+) -> Result<(), CliError> {
+    let what = what.to_string();
+    let mut next = match rev {
         Some(rev) if rev > 0 => rev,
-        _ => current_revision(ctx, &args.prefix, &what).await? + 1,
+        _ => current_revision(ctx, prefix, &what).await? + 1,
     };
     let endpoints = ctx.client.endpoints().to_vec();
     if endpoints.is_empty() {
@@ -60,7 +101,7 @@ pub async fn watch(ctx: &Ctx, args: WatchArgs) -> Result<(), CliError> {
         let endpoint = endpoints[index % endpoints.len()].clone();
         index += 1;
         let request = WatchRequest {
-            prefix: args.prefix.clone(),
+            prefix: prefix.to_string(),
             start_revision: next,
             progress_interval_ms: PROGRESS_INTERVAL.as_millis() as u32,
         };
@@ -106,7 +147,7 @@ pub async fn watch(ctx: &Ctx, args: WatchArgs) -> Result<(), CliError> {
                     if response.events.is_empty() && !response.compacted {
                         progress_seen = true;
                     }
-                    next = handle(ctx, &what, &response, next)?;
+                    next = handle(ctx, &what, &response, next, mode)?;
                 }
                 Ok(None) => {
                     break Failure::Status(tonic::Status::unavailable(
@@ -169,7 +210,13 @@ async fn current_revision(ctx: &Ctx, prefix: &str, what: &str) -> Result<u64, Cl
 
 /// Prints the new events of one response and returns the next revision to
 /// resume from.
-fn handle(ctx: &Ctx, what: &str, response: &WatchResponse, next: u64) -> Result<u64, CliError> {
+fn handle(
+    ctx: &Ctx,
+    what: &str,
+    response: &WatchResponse,
+    next: u64,
+    mode: Mode,
+) -> Result<u64, CliError> {
     if response.compacted {
         // The start revision is out of the node's history range: the same
         // exit code as an OUT_OF_RANGE status.
@@ -177,7 +224,8 @@ fn handle(ctx: &Ctx, what: &str, response: &WatchResponse, next: u64) -> Result<
             exit::USAGE,
             format!(
                 "{what}: revision {next} has been compacted (compact revision {}); \
-                 re-read the keys with `trellisctl list` and watch from a newer revision",
+                 re-read the current state (`trellisctl list`, `trellisctl get KIND`) \
+                 and watch from a newer revision",
                 response.compact_revision
             ),
         ));
@@ -196,7 +244,9 @@ fn handle(ctx: &Ctx, what: &str, response: &WatchResponse, next: u64) -> Result<
         }
         next_after = next_after.max(revision.saturating_add(1));
         let kind = EventType::try_from(event.r#type).unwrap_or(EventType::Put);
-        if ctx.json() {
+        if mode == Mode::Resources {
+            print_resource_event(ctx, kind, kv)?;
+        } else if ctx.json() {
             let mut object = serde_json::Map::new();
             object.insert("type".into(), json!(kind.as_str_name()));
             object.insert("key".into(), json!(kv.key));
@@ -218,4 +268,78 @@ fn handle(ctx: &Ctx, what: &str, response: &WatchResponse, next: u64) -> Result<
         }
     }
     Ok(next_after)
+}
+
+/// One resource event as a JSON line; field order as written.
+#[derive(Serialize)]
+struct ResourceEvent<'a> {
+    #[serde(rename = "type")]
+    event: &'static str,
+    kind: &'static str,
+    namespace: &'a str,
+    name: &'a str,
+    revision: u64,
+    /// The document after the change (not for deletions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    object: Option<Resource>,
+}
+
+/// ADDED (first version), MODIFIED or DELETED.
+fn resource_event_name(kind: EventType, kv: &KeyValue) -> &'static str {
+    match kind {
+        EventType::Delete => "DELETED",
+        EventType::Put if kv.version <= 1 => "ADDED",
+        EventType::Put => "MODIFIED",
+    }
+}
+
+fn print_resource_event(ctx: &Ctx, kind: EventType, kv: &KeyValue) -> Result<(), CliError> {
+    // Keys under the prefix that are not resource keys (written with `kv
+    // put`) are not resource events.
+    let Some((resource_kind, namespace, name)) = parse_key(&kv.key) else {
+        return Ok(());
+    };
+    let event = resource_event_name(kind, kv);
+    if ctx.json() {
+        let object = if kind == EventType::Put {
+            Resource::from_json(&kv.value).ok()
+        } else {
+            None
+        };
+        let line = ResourceEvent {
+            event,
+            kind: resource_kind.as_str(),
+            namespace,
+            name,
+            revision: kv.mod_revision,
+            object,
+        };
+        let mut text = serde_json::to_string(&line)
+            .map_err(|e| CliError::new(exit::OTHER, format!("cannot encode JSON: {e}")))?;
+        text.push('\n');
+        return crate::output::write_stdout(text.as_bytes());
+    }
+    print_line(&format!(
+        "{event} {resource_kind} {}/{} (revision {})",
+        escape_text(namespace),
+        escape_text(name),
+        kv.mod_revision
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_event_names() {
+        let kv = |version| KeyValue {
+            key: "/route/default/r".into(),
+            version,
+            ..KeyValue::default()
+        };
+        assert_eq!(resource_event_name(EventType::Put, &kv(1)), "ADDED");
+        assert_eq!(resource_event_name(EventType::Put, &kv(2)), "MODIFIED");
+        assert_eq!(resource_event_name(EventType::Delete, &kv(0)), "DELETED");
+    }
 }
