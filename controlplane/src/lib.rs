@@ -19,6 +19,7 @@
 //! errors become gRPC statuses in one place, [`error`].
 
 pub mod api;
+pub mod bugs;
 pub mod config;
 pub mod crash_detector;
 pub mod error;

@@ -20,6 +20,7 @@ use super::convert::{
     check_key, check_put, delete_command, kv_to_pb, put_command, txn_command, txn_result_to_pb,
 };
 use super::{forward_error, forward_request, is_forwarded};
+use crate::bugs::{self, Bug};
 use crate::error::ApiError;
 use crate::node::{Node, Route, MAX_ADMIN_MESSAGE_BYTES};
 
@@ -84,6 +85,18 @@ impl Kv for KvService {
                 .put(forward_request(pb_req, self.node.request_timeout))
                 .await
                 .map_err(|s| forward_error(leader, s)),
+            Route::Local if bugs::active(Bug::EarlyAck) => {
+                // Injected bug: answer before the write is committed.
+                let node = self.node.clone();
+                let cmd = put_command(pb_req)?;
+                tokio::spawn(async move {
+                    let _ = node.write(cmd).await;
+                });
+                Ok(Response::new(pb::PutResponse {
+                    header: Some(self.node.header(self.node.store.revision() + 1)),
+                    prev_kv: None,
+                }))
+            }
             Route::Local => {
                 let want_prev = pb_req.prev_kv;
                 let resp = self.propose(put_command(pb_req)?).await?;
@@ -103,7 +116,8 @@ impl Kv for KvService {
         let forwarded = is_forwarded(&req);
         let pb_req = req.into_inner();
         check_key("key", &pb_req.key)?;
-        match self.node.read_route(pb_req.serializable, forwarded).await? {
+        let local_only = pb_req.serializable || bugs::active(Bug::StaleRead);
+        match self.node.read_route(local_only, forwarded).await? {
             Route::Forward { channel, leader } => self
                 .client(channel)
                 .get(forward_request(pb_req, self.node.request_timeout))

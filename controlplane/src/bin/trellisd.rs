@@ -76,6 +76,11 @@ struct Args {
     /// How long API calls wait for a leader / commit (ms).
     #[arg(long)]
     request_timeout_ms: Option<u64>,
+    /// Turn on a deliberate bug for the Jepsen harness (stale-read,
+    /// early-ack); only in builds with the `bug-injection` feature.
+    #[cfg(feature = "bug-injection")]
+    #[arg(long = "inject-bug", value_parser = parse_bug)]
+    inject_bug: Vec<trellis_controlplane::bugs::Bug>,
     /// tracing filter (also RUST_LOG).
     #[arg(long)]
     log_level: Option<String>,
@@ -89,6 +94,17 @@ fn parse_override(s: &str) -> Result<(u64, String), String> {
         .parse::<u64>()
         .map_err(|e| format!("{s:?}: bad node id: {e}"))?;
     Ok((id, addr.to_string()))
+}
+
+#[cfg(feature = "bug-injection")]
+fn parse_bug(s: &str) -> Result<trellis_controlplane::bugs::Bug, String> {
+    trellis_controlplane::bugs::Bug::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = trellis_controlplane::bugs::Bug::ALL
+            .iter()
+            .map(|(_, n)| *n)
+            .collect();
+        format!("{s:?}: expected one of {}", names.join(", "))
+    })
 }
 
 fn parse_durability(s: &str) -> Result<trellis_raft_store::Durability, String> {
@@ -156,6 +172,8 @@ async fn wait_for_signal() {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    #[cfg(feature = "bug-injection")]
+    let bugs = args.inject_bug.clone();
     let config = match build_config(args) {
         Ok(c) => c,
         Err(e) => {
@@ -168,6 +186,8 @@ async fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
+    #[cfg(feature = "bug-injection")]
+    trellis_controlplane::bugs::enable(bugs);
 
     let running = match RunningNode::start(config).await {
         Ok(r) => r,
