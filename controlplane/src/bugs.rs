@@ -37,7 +37,10 @@ static ENABLED: std::sync::OnceLock<Vec<Bug>> = std::sync::OnceLock::new();
 #[cfg(feature = "bug-injection")]
 pub fn enable(bugs: Vec<Bug>) {
     if !bugs.is_empty() {
-        tracing::warn!(?bugs, "BUG INJECTION ENABLED: this node breaks its guarantees on purpose");
+        tracing::warn!(
+            ?bugs,
+            "BUG INJECTION ENABLED: this node breaks its guarantees on purpose"
+        );
     }
     let _ = ENABLED.set(bugs);
 }
