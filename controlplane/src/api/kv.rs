@@ -19,7 +19,7 @@ use trellis_raft_store::{Command, CommandResponse, Outcome};
 use super::convert::{
     check_key, check_put, delete_command, kv_to_pb, put_command, txn_command, txn_result_to_pb,
 };
-use super::{forward_error, forward_request, is_forwarded};
+use super::is_forwarded;
 use crate::bugs::{self, Bug};
 use crate::error::ApiError;
 use crate::node::{Node, Route, MAX_ADMIN_MESSAGE_BYTES};
@@ -80,11 +80,9 @@ impl Kv for KvService {
         let pb_req = req.into_inner();
         check_put(&pb_req)?;
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .put(forward_request(pb_req, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, put, pb_req)
+            }
             Route::Local if bugs::active(Bug::EarlyAck) => {
                 // Injected bug: answer before the write is committed.
                 let node = self.node.clone();
@@ -118,11 +116,9 @@ impl Kv for KvService {
         check_key("key", &pb_req.key)?;
         let local_only = pb_req.serializable || bugs::active(Bug::StaleRead);
         match self.node.read_route(local_only, forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .get(forward_request(pb_req, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, get, pb_req)
+            }
             Route::Local => {
                 let revision = self.node.store.revision();
                 let kv = self
@@ -160,11 +156,9 @@ impl Kv for KvService {
             n => n,
         };
         match self.node.read_route(pb_req.serializable, forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .list(forward_request(pb_req, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, list, pb_req)
+            }
             Route::Local => {
                 // The page is read as of one revision (no apply lands in
                 // the middle), which the header carries: list-then-watch
@@ -204,11 +198,9 @@ impl Kv for KvService {
         let pb_req = req.into_inner();
         check_key("key", &pb_req.key)?;
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .delete(forward_request(pb_req, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, delete, pb_req)
+            }
             Route::Local => {
                 let want_prev = pb_req.prev_kv;
                 let resp = self.propose(delete_command(pb_req)?).await?;
@@ -230,11 +222,9 @@ impl Kv for KvService {
         let pb_req = req.into_inner();
         let cmd = txn_command(&pb_req)?;
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .txn(forward_request(pb_req, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, txn, pb_req)
+            }
             Route::Local => {
                 let resp = self.propose(cmd).await?;
                 let Outcome::Txn { succeeded, results } = resp.outcome else {
@@ -261,11 +251,9 @@ impl Kv for KvService {
         let forwarded = is_forwarded(&req);
         let pb_req = req.into_inner();
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .compact(forward_request(pb_req, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, compact, pb_req)
+            }
             Route::Local => {
                 let (current, compacted) = (
                     self.node.store.revision(),

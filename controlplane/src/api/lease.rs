@@ -14,7 +14,7 @@ use trellis_proto::admin::lease_client::LeaseClient;
 use trellis_proto::admin::lease_server::Lease as LeaseApi;
 use trellis_raft_store::{Command, Outcome};
 
-use super::{forward_error, forward_request, is_forwarded};
+use super::is_forwarded;
 use crate::error::ApiError;
 use crate::leases::{MAX_LEASE_TTL_MS, MIN_LEASE_TTL_MS};
 use crate::node::{Node, Route};
@@ -110,11 +110,9 @@ impl LeaseApi for LeaseService {
         let r = req.into_inner();
         check_ttl(r.ttl_ms)?;
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .grant(forward_request(r, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, grant, r)
+            }
             Route::Local => Ok(Response::new(self.grant_local(r).await?)),
         }
     }
@@ -128,11 +126,9 @@ impl LeaseApi for LeaseService {
         let r = req.into_inner();
         check_id(r.id)?;
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .keep_alive(forward_request(r, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, keep_alive, r)
+            }
             Route::Local => {
                 self.node.read_barrier().await?;
                 let revision = self.node.store.revision();
@@ -161,11 +157,9 @@ impl LeaseApi for LeaseService {
         let r = req.into_inner();
         check_id(r.id)?;
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .revoke(forward_request(r, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, revoke, r)
+            }
             Route::Local => {
                 let resp = self.node.write(Command::LeaseRevoke { id: r.id }).await?;
                 match resp.outcome {
@@ -195,11 +189,9 @@ impl LeaseApi for LeaseService {
         let forwarded = is_forwarded(&req);
         let r = req.into_inner();
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .list(forward_request(r, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, list, r)
+            }
             Route::Local => {
                 self.node.read_barrier().await?;
                 let revision = self.node.store.revision();

@@ -16,6 +16,21 @@
 //! served here if this node leads, else forwarded once to the leader
 //! (marked with the [`FORWARDED`] header so they never bounce).
 
+/// The forward arm of every admin handler: send `$req` to the leader over
+/// `$channel` with `$svc.client(..).$method`, marked as forwarded and with
+/// the request deadline; transport failures become [`forward_error`]s.
+macro_rules! forward {
+    ($svc:expr, $channel:expr, $leader:expr, $method:ident, $req:expr) => {
+        $svc.client($channel)
+            .$method($crate::api::forward_request(
+                $req,
+                $svc.node.request_timeout,
+            ))
+            .await
+            .map_err(|s| $crate::api::forward_error($leader, s))
+    };
+}
+
 pub mod cluster;
 pub mod convert;
 pub mod kv;

@@ -21,7 +21,7 @@ use trellis_proto::admin::resources_server::Resources;
 use trellis_raft_store::{Command, Compare, CompareOp, CompareTarget, KeyValue, Outcome, TxnOp};
 use trellis_resources::{check_references, key_prefix, parse_documents, Kind, Resource, Spec};
 
-use super::{forward_error, forward_request, is_forwarded};
+use super::is_forwarded;
 use crate::error::{ApiError, MAX_VALUE_BYTES};
 use crate::node::{Node, Route, MAX_ADMIN_MESSAGE_BYTES};
 
@@ -371,11 +371,9 @@ impl Resources for ResourcesService {
         // Bad documents are reported by the node that received them.
         parse_set(&r.documents)?;
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .apply(forward_request(r, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, apply, r)
+            }
             Route::Local => Ok(Response::new(self.apply_local(r).await?)),
         }
     }
@@ -391,11 +389,9 @@ impl Resources for ResourcesService {
         let ns = namespace_or_default(&r.namespace);
         let key = resource_key(kind, ns, &r.name)?;
         match self.node.read_route(r.serializable, forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .get(forward_request(r, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, get, r)
+            }
             Route::Local => {
                 let revision = self.node.store.revision();
                 let kv = self
@@ -421,11 +417,9 @@ impl Resources for ResourcesService {
         let kind = parse_kind("kind", &r.kind)?;
         let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
         match self.node.read_route(r.serializable, forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .list(forward_request(r, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, list, r)
+            }
             Route::Local => {
                 let prefix = key_prefix(kind, ns);
                 let page = self
@@ -452,11 +446,9 @@ impl Resources for ResourcesService {
         let ns = namespace_or_default(&r.namespace);
         let key = resource_key(kind, ns, &r.name)?;
         match self.node.route(forwarded).await? {
-            Route::Forward { channel, leader } => self
-                .client(channel)
-                .delete(forward_request(r, self.node.request_timeout))
-                .await
-                .map_err(|s| forward_error(leader, s)),
+            Route::Forward { channel, leader } => {
+                forward!(self, channel, leader, delete, r)
+            }
             Route::Local => {
                 let resp = self
                     .node
