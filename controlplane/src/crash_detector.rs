@@ -9,7 +9,9 @@
 //!
 //! 1. Every follower holds a `Liveness` stream open to its current leader
 //!    ([`crate::peer`] serves it; the leader never ends it while running).
-//! 2. When the stream breaks, the follower dials the leader's Raft port. A
+//! 2. When the stream breaks (it must have been open: a leader this node
+//!    never reached, e.g. one it remembers across its own restart, is left
+//!    to the election timeout), the follower dials the leader's Raft port. A
 //!    refused connection means nothing listens there any more: the process
 //!    is gone. Anything else (the dial succeeds, or times out as it would
 //!    across a partition) proves nothing, and the election timeout stays in
@@ -27,6 +29,8 @@
 //!
 //! Entry point: [`spawn`], one task per node, stopped by the shutdown watch.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::ServerState;
@@ -65,11 +69,17 @@ struct Following {
 }
 
 /// Start the detector for the node `raft` belongs to.
-pub fn spawn(raft: Raft, network: PeerNetwork, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+/// `watched` shows the leader whose stream is open (0: none), for status.
+pub fn spawn(
+    raft: Raft,
+    network: PeerNetwork,
+    watched: Arc<AtomicU64>,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut stop = shutdown.clone();
         tokio::select! {
-            () = run(raft, network) => {}
+            () = run(raft, network, watched) => {}
             _ = stop.wait_for(|stopping| *stopping) => {}
         }
     })
@@ -112,17 +122,35 @@ async fn next_following(raft: &Raft, network: &PeerNetwork) -> Option<Following>
     }
 }
 
-async fn run(raft: Raft, network: PeerNetwork) {
+async fn run(raft: Raft, network: PeerNetwork, watched: Arc<AtomicU64>) {
     let me = raft.metrics().borrow().id;
+    // The leader (and term) whose stream this node has had open: only a
+    // leader seen alive from here can be declared dead from here.
+    let mut seen_alive: Option<Following> = None;
     loop {
         let Some(f) = next_following(&raft, &network).await else {
             return;
         };
         tracing::debug!(leader = f.leader, term = f.term, "watching leader liveness");
-        if let Watch::Changed = watch_leader(&raft, &network, &f, me).await {
-            continue;
+        let outcome = watch_leader(&raft, &network, &f, me, &watched).await;
+        watched.store(0, Ordering::Relaxed);
+        tracing::debug!(leader = f.leader, ?outcome, "liveness watch ended");
+        match outcome {
+            Watch::Changed => continue,
+            Watch::StreamEnded => seen_alive = Some(f.clone()),
+            // Never seen alive from here: a node restarted before the
+            // leader it remembers must not campaign just because that
+            // leader is not up yet (after a full-cluster restart it comes
+            // back and leads in the same term); the timers decide. A
+            // leader seen alive is probed again: a dial made while a
+            // killed process is being torn down can still be accepted.
+            Watch::CannotOpen if seen_alive.as_ref() != Some(&f) => {
+                backoff(&raft, &network, &f).await;
+                continue;
+            }
+            Watch::CannotOpen => {}
         }
-        // The stream broke, or could not be opened: is anybody there?
+        // Is anybody there?
         if leader_refuses(&f.addr).await && still_following(&raft, &network, &f) {
             tracing::warn!(
                 leader = f.leader,
@@ -137,6 +165,7 @@ async fn run(raft: Raft, network: PeerNetwork) {
     }
 }
 
+#[derive(Debug)]
 enum Watch {
     /// The leader or term changed while watching.
     Changed,
@@ -152,7 +181,13 @@ fn still_following(raft: &Raft, network: &PeerNetwork, f: &Following) -> bool {
 
 /// Hold the `Liveness` stream to `f.leader` until it ends or we stop
 /// following that leader in that term.
-async fn watch_leader(raft: &Raft, network: &PeerNetwork, f: &Following, me: NodeId) -> Watch {
+async fn watch_leader(
+    raft: &Raft,
+    network: &PeerNetwork,
+    f: &Following,
+    me: NodeId,
+    watched: &AtomicU64,
+) -> Watch {
     let Ok(channel) = lazy_channel(&f.addr, PEER_CONNECT_TIMEOUT) else {
         return Watch::CannotOpen;
     };
@@ -161,11 +196,19 @@ async fn watch_leader(raft: &Raft, network: &PeerNetwork, f: &Following, me: Nod
         match client.liveness(LivenessRequest { from: me }).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
-                // Items are never sent; drain until the stream ends or fails.
+                // The leader greets with one event: only then was it seen
+                // alive from here.
+                if !matches!(stream.message().await, Ok(Some(_))) {
+                    return Watch::CannotOpen;
+                }
+                watched.store(f.leader, Ordering::Relaxed);
                 while let Ok(Some(_)) = stream.message().await {}
                 Watch::StreamEnded
             }
-            Err(_) => Watch::CannotOpen,
+            Err(status) => {
+                tracing::debug!(leader = f.leader, %status, "cannot open the liveness stream");
+                Watch::CannotOpen
+            }
         }
     };
     tokio::select! {

@@ -58,6 +58,8 @@ pub struct Node {
     proposer: Proposer,
     /// Lease deadlines, while this node leads.
     pub leases: crate::leases::LeaseKeeper,
+    /// The leader the crash detector holds an open stream to (0: none).
+    pub liveness_watched: Arc<AtomicU64>,
 }
 
 /// Coalesces concurrent linearizable reads onto shared read-index rounds.
@@ -388,6 +390,7 @@ impl RunningNode {
             barrier: ReadBarrier::default(),
             proposer: Proposer::start(raft.clone(), request_timeout),
             leases: Default::default(),
+            liveness_watched: Arc::default(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -429,7 +432,12 @@ impl RunningNode {
             Ok(())
         }));
         if node.config.raft.crash_detection {
-            let detector = crate::crash_detector::spawn(node.raft.clone(), network, shutdown_rx);
+            let detector = crate::crash_detector::spawn(
+                node.raft.clone(),
+                network,
+                node.liveness_watched.clone(),
+                shutdown_rx,
+            );
             servers.push(tokio::spawn(async move {
                 let _ = detector.await;
                 Ok(())

@@ -50,7 +50,7 @@ fn payload<T: serde::Serialize>(
 impl RaftPeer for PeerService {
     type LivenessStream = Pin<Box<dyn Stream<Item = Result<LivenessEvent, Status>> + Send>>;
 
-    /// Open until this node shuts down; never yields an item.
+    /// Yields one event, then stays open until this node shuts down.
     #[tracing::instrument(level = "debug", skip_all, fields(from = req.get_ref().from))]
     async fn liveness(
         &self,
@@ -58,11 +58,16 @@ impl RaftPeer for PeerService {
     ) -> Result<Response<Self::LivenessStream>, Status> {
         let _ = req;
         let mut shutdown = self.shutdown.clone();
+        // One event at once (it also flushes the response headers, so the
+        // follower knows the stream is open), then nothing until shutdown.
+        let hello = futures::stream::once(async { Ok(LivenessEvent {}) });
         let ends = futures::stream::once(async move {
             let _ = shutdown.wait_for(|stopping| *stopping).await;
         });
-        let stream = futures::StreamExt::filter_map(ends, |()| async { None });
-        Ok(Response::new(Box::pin(stream)))
+        let quiet = futures::StreamExt::filter_map(ends, |()| async { None });
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            hello, quiet,
+        ))))
     }
 
     async fn append_entries(

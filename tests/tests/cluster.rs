@@ -501,6 +501,23 @@ async fn a_killed_leader_is_replaced_without_waiting_out_the_election_timeout() 
         let (old_leader, f) = followers(&c).await?;
         let before = c.status(f[0]).await?.term;
         put(&mut c.kv(f[0]), &format!("/crash/{round}"), "before").await?;
+        // Both detectors armed: each follower has seen the leader's
+        // liveness stream open (a follower that never did leaves a dead
+        // leader to the timers).
+        c.wait_for(
+            trellis_tests::CLUSTER_TIMEOUT,
+            "followers watching the leader's liveness",
+            |sts| {
+                f.iter()
+                    .all(|id| {
+                        sts.get(id)
+                            .and_then(|s| s.as_ref().ok())
+                            .is_some_and(|s| s.liveness_watched_leader == old_leader)
+                    })
+                    .then_some(())
+            },
+        )
+        .await?;
         let killed_at = std::time::Instant::now();
         c.kill(old_leader).await?;
         let new_leader = c.leader().await?;
@@ -566,13 +583,52 @@ async fn data_and_revision_survive_kill_of_every_node() -> Result<()> {
     let leader = c.leader().await?;
     let status = c.wait_for_revision(leader, last).await?;
     assert_eq!(status.revision, last, "revision counter must be intact");
+    // Right after a full restart the nodes may still settle on a leader
+    // (they remember different ones): retry what the server marks safe to
+    // retry, as a client would.
     for i in 0..30 {
-        let got = get(&mut c.kv(leader), &format!("/dur/{i}"), false).await?;
+        let key = format!("/dur/{i}");
+        let got = retrying(|| get_owned(c.kv(leader), key.clone())).await?;
         assert_eq!(got.map(|v| v.0), Some(format!("value-{i}").into_bytes()));
     }
     // The counter continues where it stopped.
-    assert_eq!(put(&mut c.kv(leader), "/dur/next", "x").await?, last + 1);
+    let next = retrying(|| async {
+        let mut kv = c.kv(leader);
+        put(&mut kv, "/dur/next", "x").await
+    })
+    .await?;
+    assert_eq!(next, last + 1);
     Ok(())
+}
+
+async fn get_owned(mut kv: Kv, key: String) -> Result<Option<(Vec<u8>, u64)>> {
+    get(&mut kv, &key, false).await
+}
+
+/// Run `op` again while it fails with a status the server marked
+/// `x-trellis-retry-safe: true` (nothing was applied), for up to the
+/// cluster timeout.
+async fn retrying<T, F, Fut>(mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + trellis_tests::CLUSTER_TIMEOUT;
+    loop {
+        match op().await {
+            Err(e)
+                if tokio::time::Instant::now() < deadline
+                    && e.downcast_ref::<tonic::Status>().is_some_and(|s| {
+                        s.metadata()
+                            .get("x-trellis-retry-safe")
+                            .is_some_and(|v| v.as_bytes() == b"true")
+                    }) =>
+            {
+                tokio::time::sleep(trellis_tests::POLL_INTERVAL).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -144,6 +144,10 @@ impl Cluster for ClusterService {
             members: self.members(),
             initialized,
             db_size_bytes: self.node.store.size_on_disk(),
+            liveness_watched_leader: self
+                .node
+                .liveness_watched
+                .load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 

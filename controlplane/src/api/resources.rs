@@ -192,7 +192,7 @@ impl ResourcesService {
                         for (i, host) in route.hosts.iter().enumerate() {
                             if theirs.hosts.contains(host) {
                                 problems.push(format!(
-                                    "{source}: {}: spec.hosts[{i}]: host {host:?} is already routed by {}; a host has one Route (delete or change that one in the same apply)",
+                                    "{source}: {}: spec.hosts[{i}]: host {host:?} is already routed by {}; a host has one Route (delete that one first, or change its hosts in the same apply)",
                                     res.display_name(),
                                     other.display_name()
                                 ));
