@@ -58,8 +58,12 @@ impl ResourcesService {
             .map_err(|e| ApiError::internal("store get", e))
     }
 
-    async fn apply_local(&self, r: pb::ApplyRequest) -> Result<pb::ApplyResponse, ApiError> {
-        let set = parse_set(&r.documents)?;
+    /// Apply `set` (the parsed `r.documents`) on this node, the leader.
+    async fn apply_local(
+        &self,
+        r: pb::ApplyRequest,
+        set: Vec<(String, Resource)>,
+    ) -> Result<pb::ApplyResponse, ApiError> {
         self.node.read_barrier().await?;
         let mut current = Vec::with_capacity(set.len());
         for (_, res) in &set {
@@ -368,13 +372,14 @@ impl Resources for ResourcesService {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let r = req.into_inner();
-        // Bad documents are reported by the node that received them.
-        parse_set(&r.documents)?;
+        // Parsed once here: bad documents are reported by the node that
+        // received them, and a leader applies what it parsed.
+        let set = parse_set(&r.documents)?;
         match self.node.route(forwarded).await? {
             Route::Forward { channel, leader } => {
                 forward!(self, channel, leader, apply, r)
             }
-            Route::Local => Ok(Response::new(self.apply_local(r).await?)),
+            Route::Local => Ok(Response::new(self.apply_local(r, set).await?)),
         }
     }
 
