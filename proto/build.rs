@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/trellis/admin/v1/admin.proto",
         "proto/trellis/raft/v1/raft.proto",
+        "proto/trellis/sidecar/v1/sidecar.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

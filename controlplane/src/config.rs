@@ -10,6 +10,15 @@
 //!
 //! durability = "fsync"   # or "kill-safe"
 //!
+//! [tls]                  # or `insecure_dev = true` (plaintext, development only)
+//! ca_file = "/etc/trellis/ca.pem"
+//! cert_file = "/etc/trellis/node-1.pem"
+//! key_file = "/etc/trellis/node-1-key.pem"
+//!
+//! [sidecars]
+//! workload_cert_ttl_ms = 3600000
+//! lease_ttl_ms = 10000
+//!
 //! [raft]
 //! heartbeat_ms = 50
 //! election_timeout_min_ms = 300
@@ -27,7 +36,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:7379";
 /// Raft peer RPC port.
 pub const DEFAULT_RAFT_ADDR: &str = "127.0.0.1:7380";
-/// QUIC port for sidecars (reserved: bound, not yet served).
+/// QUIC port for sidecars.
 pub const DEFAULT_QUIC_ADDR: &str = "127.0.0.1:7381";
 
 /// Leader heartbeat. 50 ms keeps followers' view of the leader fresh at
@@ -62,6 +71,51 @@ pub const MAX_PAYLOAD_ENTRIES: u64 = 64;
 /// How long an API call waits for the cluster (leader election, commit)
 /// before answering UNAVAILABLE: several election rounds.
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
+
+/// Lifetime of the certificates sidecars get on join and renewal: short,
+/// so a stolen key is worth little (sidecars renew at ~2/3 of it over their
+/// open connection; Istio's workload certificates live 24 h, SPIRE's 1 h).
+pub const DEFAULT_WORKLOAD_CERT_TTL_MS: u64 = 60 * 60 * 1000;
+/// Shortest workload certificate: renewal needs some room to happen.
+pub const MIN_WORKLOAD_CERT_TTL_MS: u64 = 10_000;
+/// Lease of a sidecar's instance registration when the sidecar asks for
+/// none: its keepalives come every third of this, and a dead sidecar's
+/// instance leaves the registry within it.
+pub const DEFAULT_SIDECAR_LEASE_TTL_MS: u64 = 10_000;
+
+/// TLS files of a node: the cluster CA and this node's certificate
+/// (`trellisctl ca create`, `trellisctl cert create --node ID`). With them
+/// Raft peer RPC, the admin API and the QUIC endpoint all require mutual
+/// TLS.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster's root CA certificate (PEM).
+    pub ca_file: PathBuf,
+    /// This node's certificate (PEM), issued by the CA for `node/<id>`.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+}
+
+/// What the node offers sidecars.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SidecarSettings {
+    /// Validity of certificates issued on join and renewal (ms).
+    pub workload_cert_ttl_ms: u64,
+    /// Instance lease TTL when a sidecar asks for none (ms).
+    pub lease_ttl_ms: u64,
+}
+
+impl Default for SidecarSettings {
+    fn default() -> Self {
+        SidecarSettings {
+            workload_cert_ttl_ms: DEFAULT_WORKLOAD_CERT_TTL_MS,
+            lease_ttl_ms: DEFAULT_SIDECAR_LEASE_TTL_MS,
+        }
+    }
+}
 
 /// Raft timing and log-compaction knobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,7 +166,7 @@ pub struct NodeConfig {
     pub raft_addr: String,
     /// Listen address for the admin gRPC API (port 0 picks one).
     pub admin_addr: String,
-    /// Listen address reserved for sidecars over QUIC (UDP).
+    /// Listen address of the sidecars' QUIC endpoint (UDP).
     pub quic_addr: String,
     /// Raft address other nodes dial, if not the listen address (e.g. when
     /// listening on 0.0.0.0).
@@ -129,6 +183,13 @@ pub struct NodeConfig {
     pub durability: trellis_raft_store::Durability,
     /// Raft timing.
     pub raft: RaftTiming,
+    /// Mutual TLS on every listener. Required unless `insecure_dev`.
+    pub tls: Option<TlsConfig>,
+    /// DEVELOPMENT ONLY: plaintext admin API and Raft RPC, no
+    /// authentication, and no QUIC endpoint for sidecars (QUIC needs TLS).
+    pub insecure_dev: bool,
+    /// Sidecar certificates and registrations.
+    pub sidecars: SidecarSettings,
     /// tracing filter, e.g. `info` or `trellis=debug,openraft=warn`.
     pub log_level: String,
 }
@@ -147,6 +208,9 @@ impl Default for NodeConfig {
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             durability: trellis_raft_store::Durability::default(),
             raft: RaftTiming::default(),
+            tls: None,
+            insecure_dev: false,
+            sidecars: SidecarSettings::default(),
             log_level: "info,openraft=warn".to_string(),
         }
     }
@@ -260,6 +324,54 @@ impl NodeConfig {
                 "must be positive",
             ));
         }
+        match (&self.tls, self.insecure_dev) {
+            (None, false) => {
+                return Err(invalid(
+                    "tls",
+                    "no TLS files: set [tls] ca_file, cert_file and key_file (make them with `trellisctl ca create` and `trellisctl cert create --node ID`), or pass --insecure-dev for a plaintext development cluster",
+                ))
+            }
+            (Some(_), true) => {
+                return Err(invalid(
+                    "insecure_dev",
+                    "cannot be combined with [tls]: choose mutual TLS or plaintext",
+                ))
+            }
+            (Some(t), false) => {
+                for (field, path) in [
+                    ("tls.ca_file", &t.ca_file),
+                    ("tls.cert_file", &t.cert_file),
+                    ("tls.key_file", &t.key_file),
+                ] {
+                    if path.as_os_str().is_empty() {
+                        return Err(invalid(field, "must be set"));
+                    }
+                }
+            }
+            (None, true) => {}
+        }
+        if self.sidecars.workload_cert_ttl_ms < MIN_WORKLOAD_CERT_TTL_MS {
+            return Err(invalid(
+                "sidecars.workload_cert_ttl_ms",
+                format!(
+                    "{} ms is below the minimum {MIN_WORKLOAD_CERT_TTL_MS} ms",
+                    self.sidecars.workload_cert_ttl_ms
+                ),
+            ));
+        }
+        if !(crate::leases::MIN_LEASE_TTL_MS..=crate::leases::MAX_LEASE_TTL_MS)
+            .contains(&self.sidecars.lease_ttl_ms)
+        {
+            return Err(invalid(
+                "sidecars.lease_ttl_ms",
+                format!(
+                    "{} ms is outside {}..={} ms",
+                    self.sidecars.lease_ttl_ms,
+                    crate::leases::MIN_LEASE_TTL_MS,
+                    crate::leases::MAX_LEASE_TTL_MS
+                ),
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", format!("{:?}: {e}", self.log_level)))?;
         Ok(())
@@ -292,6 +404,7 @@ mod tests {
         NodeConfig {
             id: 1,
             data_dir: "/tmp/x".into(),
+            insecure_dev: true,
             ..NodeConfig::default()
         }
     }
@@ -317,6 +430,27 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("raft.election_timeout_min_ms"));
+    }
+
+    #[test]
+    fn tls_or_an_explicit_insecure_flag_is_required() {
+        let mut c = base();
+        c.insecure_dev = false;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("tls") && err.contains("--insecure-dev"),
+            "{err}"
+        );
+        c.tls = Some(TlsConfig {
+            ca_file: "ca.pem".into(),
+            cert_file: "n.pem".into(),
+            key_file: PathBuf::new(),
+        });
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("tls.key_file"), "{err}");
+        c.insecure_dev = true;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("insecure_dev"), "{err}");
     }
 
     #[test]

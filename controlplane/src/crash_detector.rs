@@ -188,7 +188,7 @@ async fn watch_leader(
     me: NodeId,
     watched: &AtomicU64,
 ) -> Watch {
-    let Ok(channel) = lazy_channel(&f.addr, PEER_CONNECT_TIMEOUT) else {
+    let Ok(channel) = lazy_channel(&f.addr, PEER_CONNECT_TIMEOUT, network.tls()) else {
         return Watch::CannotOpen;
     };
     let mut client = RaftPeerClient::new(channel);

@@ -74,6 +74,13 @@ pub enum ApiError {
     /// A forwarded request failed at the leader: passed through as is.
     #[error("{0}")]
     Remote(Status),
+    /// No credentials, or credentials that do not hold (an unknown,
+    /// expired or garbage join token; a connection without a certificate).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// A valid identity asking for something outside its scope.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// A bug or storage failure, with where it came from.
     #[error("internal error in {origin}: {message}")]
     Internal {
@@ -127,7 +134,30 @@ impl ApiError {
             }
             ApiError::Timeout { .. } => Code::Unavailable,
             ApiError::Remote(s) => s.code(),
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Internal { .. } => Code::Internal,
+        }
+    }
+
+    /// The error as sent on a sidecar's QUIC stream (the sidecar protocol's
+    /// one conversion point, as [`Status`] is the admin API's).
+    pub fn to_sidecar(&self) -> trellis_proto::sidecar::Error {
+        use trellis_proto::sidecar::error::Code as S;
+        let code = match self.code() {
+            Code::InvalidArgument | Code::OutOfRange => S::InvalidArgument,
+            Code::NotFound => S::NotFound,
+            Code::FailedPrecondition => S::FailedPrecondition,
+            Code::Unavailable => S::Unavailable,
+            Code::Unauthenticated => S::Unauthenticated,
+            Code::PermissionDenied => S::PermissionDenied,
+            Code::Internal => S::Internal,
+            _ => S::Unknown,
+        };
+        trellis_proto::sidecar::Error {
+            code: code as i32,
+            message: self.to_string(),
+            retryable: self.retry_safe() || code == S::Unavailable,
         }
     }
 }

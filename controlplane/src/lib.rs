@@ -14,12 +14,23 @@
 //!   process there ([`crash_detector`]) to fail over without waiting out
 //!   the election timeout.
 //!
+//! - the sidecars' QUIC endpoint ([`quic`]), on `quic_addr`: join with a
+//!   token and a CSR ([`ca`]), watch config by revision, register the
+//!   instance under a lease and report the applied revision.
+//!
+//! Every listener requires mutual TLS with the cluster CA (unless started
+//! with `--insecure-dev`); [`auth`] decides which identities may call
+//! what. The control plane's own records (CA, tokens, certificates) live
+//! under a reserved key prefix ([`system`]).
+//!
 //! Data leaves through API responses and watch streams, which read the
 //! store's change feed ([`api::watch`]). Configuration is [`config`];
 //! errors become gRPC statuses in one place, [`error`].
 
 pub mod api;
+pub mod auth;
 pub mod bugs;
+pub mod ca;
 pub mod config;
 pub mod crash_detector;
 pub mod error;
@@ -28,3 +39,5 @@ pub mod network;
 pub mod node;
 pub mod peer;
 pub mod proposer;
+pub mod quic;
+pub mod system;

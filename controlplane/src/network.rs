@@ -18,7 +18,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use trellis_proto::raft::raft_peer_client::RaftPeerClient;
 use trellis_proto::raft::RaftPayload;
 use trellis_raft_store::codec::{decode, encode};
@@ -34,12 +34,23 @@ pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// delays a restarted follower's catch-up for no benefit on a LAN.
 pub const PEER_RETRY_BACKOFF: Duration = Duration::from_millis(200);
 
-/// Make a lazily connecting channel to `addr` (`host:port`).
+/// How this node dials other nodes: mutual TLS with its node certificate,
+/// or plaintext (`--insecure-dev`).
+pub type ClientTls = Option<ClientTlsConfig>;
+
+/// Make a lazily connecting channel to `addr` (`host:port`), over mutual
+/// TLS when `tls` is set (the server name is the address's host: node
+/// certificates carry their IPs as SANs).
 pub fn lazy_channel(
     addr: &str,
     connect_timeout: Duration,
+    tls: &ClientTls,
 ) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+    let endpoint = match tls {
+        Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.clone())?,
+        None => Endpoint::from_shared(format!("http://{addr}"))?,
+    };
+    Ok(endpoint
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -52,16 +63,23 @@ pub fn lazy_channel(
 pub struct PeerNetwork {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     overrides: Arc<BTreeMap<NodeId, String>>,
+    tls: ClientTls,
 }
 
 impl PeerNetwork {
     /// `overrides` replaces the dialed address of some peers (fault-proxy
     /// harnesses); membership keeps the advertised one.
-    pub fn new(overrides: BTreeMap<NodeId, String>) -> Self {
+    pub fn new(overrides: BTreeMap<NodeId, String>, tls: ClientTls) -> Self {
         PeerNetwork {
             channels: Arc::default(),
             overrides: Arc::new(overrides),
+            tls,
         }
+    }
+
+    /// How peers are dialed.
+    pub fn tls(&self) -> &ClientTls {
+        &self.tls
     }
 
     /// The address dialed for peer `id`: its override, or its advertised
@@ -75,7 +93,7 @@ impl PeerNetwork {
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = lazy_channel(addr, PEER_CONNECT_TIMEOUT)?;
+        let ch = lazy_channel(addr, PEER_CONNECT_TIMEOUT, &self.tls)?;
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

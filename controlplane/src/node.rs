@@ -13,20 +13,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::ServerState;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
+use trellis_proto::admin::internal_client::InternalClient;
 use trellis_proto::admin::ResponseHeader;
 use trellis_raft_store::{
     Command, CommandResponse, NodeAddr, NodeId, Raft, RevisionedStore, StateMachine,
 };
 
+use crate::auth::{AuthorizeLayer, Policy};
 use crate::config::NodeConfig;
 use crate::error::ApiError;
-use crate::network::{lazy_channel, PeerNetwork};
+use crate::network::{lazy_channel, ClientTls, PeerNetwork};
 use crate::proposer::Proposer;
 
 /// Connect timeout when forwarding to the leader's admin API.
@@ -60,6 +62,13 @@ pub struct Node {
     pub leases: crate::leases::LeaseKeeper,
     /// The leader the crash detector holds an open stream to (0: none).
     pub liveness_watched: Arc<AtomicU64>,
+    /// How this node dials other nodes (mutual TLS, or plaintext in
+    /// `--insecure-dev` mode).
+    pub client_tls: ClientTls,
+    /// Sidecars connected to this node's QUIC endpoint.
+    pub sidecars: Arc<crate::quic::registry::SidecarRegistry>,
+    /// The parsed cluster CA, by the mod revision it was read at.
+    pub(crate) ca_cache: Mutex<Option<(u64, Arc<trellis_identity::Ca>)>>,
 }
 
 /// Coalesces concurrent linearizable reads onto shared read-index rounds.
@@ -87,7 +96,7 @@ impl Node {
         }
     }
 
-    fn admin_channel(&self, addr: &str) -> Result<Channel, ApiError> {
+    pub(crate) fn admin_channel(&self, addr: &str) -> Result<Channel, ApiError> {
         let mut map = self
             .admin_channels
             .lock()
@@ -95,7 +104,7 @@ impl Node {
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = lazy_channel(addr, FORWARD_CONNECT_TIMEOUT).map_err(|e| {
+        let ch = lazy_channel(addr, FORWARD_CONNECT_TIMEOUT, &self.client_tls).map_err(|e| {
             ApiError::internal("forwarding", format!("bad leader address {addr:?}: {e}"))
         })?;
         map.insert(addr.to_string(), ch.clone());
@@ -185,6 +194,61 @@ impl Node {
         self.proposer.propose(cmd).await
     }
 
+    /// Propose `cmd` from any node: here if this node leads, else through
+    /// the leader's `Internal.Propose` (for the control plane's own writes,
+    /// e.g. on behalf of a sidecar connected to a follower).
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, ApiError> {
+        match self.route(false).await? {
+            Route::Local => self.write(cmd).await,
+            Route::Forward { leader, channel } => {
+                let command = postcard::to_stdvec(&cmd)
+                    .map_err(|e| ApiError::internal("encode command", e))?;
+                let resp = InternalClient::new(channel)
+                    .propose(crate::api::forward_request(
+                        trellis_proto::admin::ProposeRequest { command },
+                        self.request_timeout,
+                    ))
+                    .await
+                    .map_err(|s| ApiError::Remote(crate::api::forward_error(leader, s)))?
+                    .into_inner();
+                postcard::from_bytes(&resp.response)
+                    .map_err(|e| ApiError::internal("decode command response", e))
+            }
+        }
+    }
+
+    /// Make the next local read linearizable, on any node: the leader runs
+    /// a read barrier; a follower asks the leader for its read revision
+    /// (`Internal.ReadIndex`, after the leader's own barrier) and waits
+    /// until it has applied that far — etcd's follower read protocol.
+    pub async fn linearize(&self) -> Result<(), ApiError> {
+        match self.route(false).await? {
+            Route::Local => self.read_barrier().await,
+            Route::Forward { leader, channel } => {
+                let want = InternalClient::new(channel)
+                    .read_index(crate::api::forward_request(
+                        trellis_proto::admin::ReadIndexRequest {},
+                        self.request_timeout,
+                    ))
+                    .await
+                    .map_err(|s| ApiError::Remote(crate::api::forward_error(leader, s)))?
+                    .into_inner()
+                    .revision;
+                let mut applied = self.store.subscribe();
+                tokio::time::timeout(self.request_timeout, applied.wait_for(|r| *r >= want))
+                    .await
+                    .map_err(|_| {
+                        ApiError::NoLeader(format!(
+                            "this node did not apply up to the leader's revision {want} within {:?}",
+                            self.request_timeout
+                        ))
+                    })?
+                    .map_err(|_| ApiError::internal("linearize", "store stopped"))?;
+                Ok(())
+            }
+        }
+    }
+
     /// Commit a membership change (this node leads), within the request
     /// timeout.
     pub async fn change_membership(
@@ -262,7 +326,8 @@ impl Node {
 pub struct BoundAddrs {
     pub raft: SocketAddr,
     pub admin: SocketAddr,
-    pub quic: SocketAddr,
+    /// `None` in `--insecure-dev` mode (no QUIC endpoint).
+    pub quic: Option<SocketAddr>,
 }
 
 /// A started node and its server tasks.
@@ -271,8 +336,6 @@ pub struct RunningNode {
     pub addrs: BoundAddrs,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
-    /// Held so the QUIC port stays reserved for the sidecar endpoint.
-    _quic_socket: UdpSocket,
 }
 
 /// Why a node could not start.
@@ -293,6 +356,59 @@ pub enum StartError {
     Raft(String),
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Quic(#[from] crate::quic::QuicError),
+}
+
+/// A node's TLS material, read and checked at start.
+struct NodeTls {
+    server: tonic::transport::ServerTlsConfig,
+    client: tonic::transport::ClientTlsConfig,
+    quic: rustls::ServerConfig,
+}
+
+fn read_pem(field: &str, path: &std::path::Path) -> Result<String, StartError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| StartError::Tls(format!("{field} {}: {e}", path.display())))
+}
+
+/// Load `tls`, checking that the certificate is this node's (`node/<id>`)
+/// and chains to the CA.
+fn load_tls(id: NodeId, tls: &crate::config::TlsConfig) -> Result<NodeTls, StartError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+    let ca = read_pem("tls.ca_file", &tls.ca_file)?;
+    let cert = read_pem("tls.cert_file", &tls.cert_file)?;
+    let key = read_pem("tls.key_file", &tls.key_file)?;
+    let info = trellis_identity::cert_info(&cert)
+        .map_err(|e| StartError::Tls(format!("tls.cert_file {}: {e}", tls.cert_file.display())))?;
+    if info.identity != (trellis_identity::Identity::Node { id }) {
+        return Err(StartError::Tls(format!(
+            "tls.cert_file {} is for {}, not node/{id} (make one with `trellisctl cert create --node {id}`)",
+            tls.cert_file.display(),
+            info.identity
+        )));
+    }
+    // Building the QUIC config checks that the key matches the certificate
+    // and that the CA parses.
+    let quic = trellis_identity::server_config(
+        &ca,
+        &cert,
+        &key,
+        trellis_identity::ClientAuth::Optional,
+        &[trellis_identity::ALPN_SIDECAR],
+    )
+    .map_err(|e| StartError::Tls(e.to_string()))?;
+    Ok(NodeTls {
+        server: ServerTlsConfig::new()
+            .identity(Identity::from_pem(&cert, &key))
+            .client_ca_root(Certificate::from_pem(&ca)),
+        client: ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ca))
+            .identity(Identity::from_pem(&cert, &key)),
+        quic,
+    })
 }
 
 /// Accepted connections with `TCP_NODELAY` (small gRPC messages must not
@@ -327,24 +443,28 @@ impl RunningNode {
         config.validate()?;
         let raft_listener = bind_tcp("raft", &config.raft_addr).await?;
         let admin_listener = bind_tcp("admin", &config.admin_addr).await?;
-        let quic_socket =
-            UdpSocket::bind(&config.quic_addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "quic",
-                    addr: config.quic_addr.clone(),
-                    source,
-                })?;
+        let tls = match &config.tls {
+            Some(t) => Some(load_tls(config.id, t)?),
+            None => None,
+        };
+        let quic_bind_error = |source| StartError::Bind {
+            what: "quic",
+            addr: config.quic_addr.clone(),
+            source,
+        };
+        // QUIC needs TLS: a --insecure-dev node binds no UDP port at all.
+        let quic_socket = match &tls {
+            Some(_) => Some(std::net::UdpSocket::bind(&config.quic_addr).map_err(quic_bind_error)?),
+            None => None,
+        };
         let addrs = BoundAddrs {
             raft: local("raft", &raft_listener, &config.raft_addr)?,
             admin: local("admin", &admin_listener, &config.admin_addr)?,
             quic: quic_socket
-                .local_addr()
-                .map_err(|source| StartError::Bind {
-                    what: "quic",
-                    addr: config.quic_addr.clone(),
-                    source,
-                })?,
+                .as_ref()
+                .map(|s| s.local_addr())
+                .transpose()
+                .map_err(quic_bind_error)?,
         };
         let addr = NodeAddr {
             raft_addr: config
@@ -360,12 +480,14 @@ impl RunningNode {
         let (log_store, sm) = trellis_raft_store::open_with(&config.data_dir, config.durability)?;
         let store = sm.store();
         let raft_config = Arc::new(config.openraft_config()?);
+        let client_tls = tls.as_ref().map(|t| t.client.clone());
         let network = PeerNetwork::new(
             config
                 .peer_dial_overrides
                 .clone()
                 .into_iter()
                 .collect::<BTreeMap<_, _>>(),
+            client_tls.clone(),
         );
         let raft = Raft::new(
             config.id,
@@ -391,6 +513,9 @@ impl RunningNode {
             proposer: Proposer::start(raft.clone(), request_timeout),
             leases: Default::default(),
             liveness_watched: Arc::default(),
+            client_tls,
+            sidecars: Arc::default(),
+            ca_cache: Mutex::default(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -403,7 +528,18 @@ impl RunningNode {
         )
         .max_decoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(crate::network::MAX_PEER_MESSAGE_BYTES);
-        let peer_server = tonic::transport::Server::builder()
+        let mut peer_builder = tonic::transport::Server::builder();
+        let mut admin_builder = tonic::transport::Server::builder();
+        if let Some(t) = &tls {
+            peer_builder = peer_builder
+                .tls_config(t.server.clone())
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+            admin_builder = admin_builder
+                .tls_config(t.server.clone())
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+        }
+        let peer_server = peer_builder
+            .layer(AuthorizeLayer::new(Policy::RaftPeers))
             .add_service(peer)
             .serve_with_incoming_shutdown(incoming(raft_listener), stop(shutdown_rx.clone()));
 
@@ -416,16 +552,32 @@ impl RunningNode {
             .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
-        let admin_server = tonic::transport::Server::builder()
+        let admin_server = admin_builder
+            .layer(AuthorizeLayer::new(Policy::Admin))
             .add_service(crate::api::kv_service(node.clone()))
             .add_service(crate::api::cluster_service(node.clone()))
             .add_service(crate::api::lease_service(node.clone()))
             .add_service(crate::api::resources_service(node.clone()))
+            .add_service(crate::api::identity_service(node.clone()))
+            .add_service(crate::api::internal_service(node.clone()))
             .add_service(reflection)
             .add_service(reflection_alpha)
             .serve_with_incoming_shutdown(incoming(admin_listener), stop(shutdown_rx.clone()));
 
         let mut servers = vec![tokio::spawn(peer_server), tokio::spawn(admin_server)];
+        match (tls, quic_socket) {
+            (Some(t), Some(socket)) => {
+                let (quic, _) =
+                    crate::quic::spawn(node.clone(), socket, t.quic, shutdown_rx.clone())?;
+                servers.push(tokio::spawn(async move {
+                    let _ = quic.await;
+                    Ok(())
+                }));
+            }
+            _ => tracing::warn!(
+                "--insecure-dev: plaintext and unauthenticated admin API and Raft RPC; no QUIC endpoint for sidecars (QUIC needs TLS)"
+            ),
+        }
         let expiry = crate::leases::spawn(node.clone(), shutdown_rx.clone());
         servers.push(tokio::spawn(async move {
             let _ = expiry.await;
@@ -447,7 +599,7 @@ impl RunningNode {
             node_id = node.id,
             raft = %addrs.raft,
             admin = %addrs.admin,
-            quic = %addrs.quic,
+            quic = ?addrs.quic,
             "control node started"
         );
         Ok(RunningNode {
@@ -455,7 +607,6 @@ impl RunningNode {
             addrs,
             shutdown,
             servers,
-            _quic_socket: quic_socket,
         })
     }
 

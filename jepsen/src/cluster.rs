@@ -835,6 +835,10 @@ fn node_flags(opts: &ClusterOptions, net: &Net, id: u64) -> Result<Vec<String>> 
             args.push(value.to_string());
         }
     }
+    // The harness's clients and fault proxies speak plaintext gRPC; the
+    // faults under test (Raft, storage, clocks of delivery) do not depend
+    // on TLS.
+    args.push("--insecure-dev".into());
     args.push("--advertise-admin-addr".into());
     args.push(net.fwd[slot].addr().to_string());
     for k in 1..=MAX_NODE_ID {

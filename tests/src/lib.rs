@@ -33,6 +33,8 @@
 //! awaited on their ready line or exit, and cluster states are awaited by
 //! polling status APIs at a short interval under an overall deadline.
 
+pub mod quic;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -44,7 +46,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use trellis_proto::admin::cluster_client::ClusterClient;
 use trellis_proto::admin::kv_client::KvClient;
 use trellis_proto::admin::lease_client::LeaseClient;
@@ -164,22 +166,130 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 /// A gRPC channel to `http://addr` that connects on first use and reconnects
 /// after failures (so it survives a restart of the node at the same address).
 pub fn lazy_channel(addr: SocketAddr) -> Result<Channel> {
-    Ok(endpoint(addr)?.connect_lazy())
+    Ok(endpoint(addr, None)?.connect_lazy())
+}
+
+/// Like [`lazy_channel`], over mutual TLS when `tls` is given.
+pub fn lazy_channel_tls(addr: SocketAddr, tls: Option<&ClientTlsConfig>) -> Result<Channel> {
+    Ok(endpoint(addr, tls)?.connect_lazy())
 }
 
 /// A gRPC channel to `http://addr`, connected now (one HTTP/2 connection).
 pub async fn connect(addr: SocketAddr) -> Result<Channel> {
-    endpoint(addr)?
+    endpoint(addr, None)?
         .connect()
         .await
         .with_context(|| format!("connecting to {addr}"))
 }
 
-fn endpoint(addr: SocketAddr) -> Result<Endpoint> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("invalid endpoint address {addr}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true))
+fn endpoint(addr: SocketAddr, tls: Option<&ClientTlsConfig>) -> Result<Endpoint> {
+    let ep = match tls {
+        Some(tls) => Endpoint::from_shared(format!("https://{addr}"))
+            .with_context(|| format!("invalid endpoint address {addr}"))?
+            .tls_config(tls.clone())
+            .context("client TLS config")?,
+        None => Endpoint::from_shared(format!("http://{addr}"))
+            .with_context(|| format!("invalid endpoint address {addr}"))?,
+    };
+    Ok(ep.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true))
+}
+
+/// The cluster CA and the certificates of a TLS test cluster, as files
+/// under `<cluster dir>/pki` (for `trellisd`, `trellisctl`, sidecars) and
+/// in memory (to issue certificates for nodes added later).
+pub struct Pki {
+    ca: trellis_identity::Ca,
+    dir: PathBuf,
+    /// The root CA certificate file.
+    pub ca_file: PathBuf,
+    /// The root CA key file (for `trellisctl ca load`).
+    pub ca_key_file: PathBuf,
+    /// An admin client certificate (`admin/test`) and its key.
+    pub admin_cert_file: PathBuf,
+    pub admin_key_file: PathBuf,
+}
+
+impl Pki {
+    fn create(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca = trellis_identity::Ca::create(trellis_identity::DEFAULT_TRUST_DOMAIN)?;
+        let write = |name: &str, text: &str, private: bool| -> Result<PathBuf> {
+            let path = dir.join(name);
+            trellis_identity::write_file_atomic(&path, text.as_bytes(), private)
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(path)
+        };
+        let ca_file = write("ca.pem", ca.cert_pem(), false)?;
+        let ca_key_file = write("ca-key.pem", ca.key_pem(), true)?;
+        let (admin, admin_key) = ca.issue_admin("test", trellis_identity::ADMIN_CERT_VALIDITY)?;
+        let admin_cert_file = write("admin-test.pem", &admin.cert_pem, false)?;
+        let admin_key_file = write("admin-test-key.pem", &admin_key, true)?;
+        Ok(Self {
+            ca,
+            dir,
+            ca_file,
+            ca_key_file,
+            admin_cert_file,
+            admin_key_file,
+        })
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &trellis_identity::Ca {
+        &self.ca
+    }
+
+    /// Writes node `id`'s certificate and key (SANs 127.0.0.1, ::1,
+    /// localhost) unless present; returns the `trellisd` TLS flags.
+    pub fn node_args(&self, id: u64) -> Result<Vec<String>> {
+        let cert = self.dir.join(format!("node-{id}.pem"));
+        let key = self.dir.join(format!("node-{id}-key.pem"));
+        if !cert.exists() {
+            let sans = ["127.0.0.1", "::1", "localhost"].map(String::from);
+            let (issued, key_pem) =
+                self.ca
+                    .issue_node(id, &sans, trellis_identity::NODE_CERT_VALIDITY)?;
+            trellis_identity::write_file_atomic(&cert, issued.cert_pem.as_bytes(), false)?;
+            trellis_identity::write_file_atomic(&key, key_pem.as_bytes(), true)?;
+        }
+        Ok(vec![
+            "--ca-file".into(),
+            self.ca_file.display().to_string(),
+            "--cert-file".into(),
+            cert.display().to_string(),
+            "--key-file".into(),
+            key.display().to_string(),
+        ])
+    }
+
+    /// tonic client TLS with the admin certificate.
+    pub fn admin_client_tls(&self) -> Result<ClientTlsConfig> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca_file)?))
+            .identity(Identity::from_pem(
+                read(&self.admin_cert_file)?,
+                read(&self.admin_key_file)?,
+            )))
+    }
+
+    /// Environment for `trellisctl` (`TRELLIS_CA_FILE`, `TRELLIS_CERT_FILE`,
+    /// `TRELLIS_KEY_FILE`).
+    pub fn trellisctl_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("TRELLIS_CA_FILE".into(), self.ca_file.display().to_string()),
+            (
+                "TRELLIS_CERT_FILE".into(),
+                self.admin_cert_file.display().to_string(),
+            ),
+            (
+                "TRELLIS_KEY_FILE".into(),
+                self.admin_key_file.display().to_string(),
+            ),
+        ]
+    }
 }
 
 /// Sends a signal to a process with the `kill` utility (the workspace forbids
@@ -305,8 +415,22 @@ impl NodeProc {
         addrs: NodeAddrs,
         extra_args: Vec<String>,
     ) -> Result<Self> {
+        Self::spawn_tls(bin, id, data_dir, log_path, addrs, extra_args, None).await
+    }
+
+    /// Like [`NodeProc::spawn`]; `tls` is how the harness's admin channel
+    /// talks to the node (the node's own TLS flags are in `extra_args`).
+    pub async fn spawn_tls(
+        bin: &Path,
+        id: u64,
+        data_dir: PathBuf,
+        log_path: PathBuf,
+        addrs: NodeAddrs,
+        extra_args: Vec<String>,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Self> {
         let (child, reported) = launch(bin, id, &data_dir, &log_path, &addrs, &extra_args).await?;
-        let channel = lazy_channel(reported.admin)?;
+        let channel = lazy_channel_tls(reported.admin, tls.as_ref())?;
         Ok(Self {
             id,
             bin: bin.to_path_buf(),
@@ -596,6 +720,10 @@ pub struct ClusterOptions {
     pub election_max_ms: Option<u64>,
     /// More arguments for every node (e.g. `["--log-level", "debug"]`).
     pub extra_args: Vec<String>,
+    /// Mutual TLS everywhere, with a CA made for the cluster ([`Pki`]),
+    /// loaded into the store after formation; the QUIC endpoint serves
+    /// sidecars. `false`: `--insecure-dev` (plaintext, no QUIC).
+    pub tls: bool,
 }
 
 impl Default for ClusterOptions {
@@ -606,6 +734,7 @@ impl Default for ClusterOptions {
             election_min_ms: None,
             election_max_ms: None,
             extra_args: Vec::new(),
+            tls: false,
         }
     }
 }
@@ -623,6 +752,9 @@ impl ClusterOptions {
                 a.push(v.to_string());
             }
         }
+        if !self.tls {
+            a.push("--insecure-dev".to_string());
+        }
         a.extend(self.extra_args.iter().cloned());
         a
     }
@@ -638,6 +770,7 @@ pub struct Cluster {
     opts: ClusterOptions,
     bin: PathBuf,
     root: PathBuf,
+    pki: Option<std::sync::Arc<Pki>>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -674,11 +807,17 @@ impl Cluster {
         let bin = bin_path("trellisd")?;
         let dir = new_temp_dir("trellis-cluster-")?;
         let root = dir.path().to_path_buf();
+        let pki = if opts.tls {
+            Some(std::sync::Arc::new(Pki::create(root.join("pki"))?))
+        } else {
+            None
+        };
         let mut cluster = Self {
             nodes: BTreeMap::new(),
             opts,
             bin,
             root,
+            pki,
             dir: Some(dir),
         };
         let ids: Vec<u64> = (1..=cluster.opts.nodes as u64).collect();
@@ -698,8 +837,27 @@ impl Cluster {
         let bin = self.bin.clone();
         let data_dir = self.root.join(format!("node-{id}"));
         let log_path = self.root.join(format!("node-{id}.log"));
-        let args = self.opts.node_args();
-        async move { NodeProc::spawn(&bin, id, data_dir, log_path, NodeAddrs::ephemeral(), args).await }
+        let mut args = self.opts.node_args();
+        let pki = self.pki.clone();
+        async move {
+            let tls = match &pki {
+                Some(p) => {
+                    args.extend(p.node_args(id)?);
+                    Some(p.admin_client_tls()?)
+                }
+                None => None,
+            };
+            NodeProc::spawn_tls(
+                &bin,
+                id,
+                data_dir,
+                log_path,
+                NodeAddrs::ephemeral(),
+                args,
+                tls,
+            )
+            .await
+        }
     }
 
     /// Initialize on the lowest id, AddMember for the rest, wait for agreement.
@@ -728,7 +886,53 @@ impl Cluster {
             converged(sts, Some(&expected))
         })
         .await?;
+        if let Some(pki) = &self.pki {
+            let mut id = self.identity_client(first);
+            id.load_ca(trellis_proto::admin::LoadCaRequest {
+                cert_pem: pki.ca().cert_pem().to_string(),
+                key_pem: pki.ca().key_pem().to_string(),
+            })
+            .await
+            .context("Identity.LoadCa")?;
+        }
         Ok(())
+    }
+
+    /// The cluster's CA and certificates (TLS clusters only).
+    pub fn pki(&self) -> Option<&Pki> {
+        self.pki.as_deref()
+    }
+
+    /// Identity client for node `id` (lazily connected).
+    ///
+    /// # Panics
+    /// If there is no node `id` (a bug in the test).
+    pub fn identity_client(
+        &self,
+        id: u64,
+    ) -> trellis_proto::admin::identity_client::IdentityClient<Channel> {
+        trellis_proto::admin::identity_client::IdentityClient::new(self.node(id).channel())
+    }
+
+    /// QUIC (sidecar) address of node `id` (TLS clusters only).
+    ///
+    /// # Panics
+    /// If there is no node `id`, or it serves no QUIC endpoint.
+    pub fn quic_addr(&self, id: u64) -> SocketAddr {
+        self.node(id)
+            .addrs
+            .quic
+            .expect("node serves no QUIC endpoint (start the cluster with tls: true)")
+    }
+
+    /// QUIC addresses of every node, comma-separated (a sidecar's seeds).
+    pub fn quic_seeds(&self) -> String {
+        self.ids()
+            .into_iter()
+            .filter_map(|id| self.node(id).addrs.quic)
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Sends `AddMember` to node `via`, retrying UNAVAILABLE / DEADLINE_EXCEEDED

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use trellis_proto::admin as pb;
 use trellis_proto::admin::cluster_client::ClusterClient;
 use trellis_proto::admin::cluster_server::Cluster;
+use trellis_proto::admin::internal_client::InternalClient;
 use trellis_proto::raft::raft_peer_client::RaftPeerClient;
 use trellis_proto::raft::TimeoutNowRequest;
 use trellis_raft_store::{NodeAddr, NodeId};
@@ -288,6 +289,51 @@ impl Cluster for ClusterService {
         }))
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn proxy_status(
+        &self,
+        _req: Request<pb::ProxyStatusRequest>,
+    ) -> Result<Response<pb::ProxyStatusResponse>, Status> {
+        // The revision first: a sidecar that reports at least this much had
+        // applied everything committed before the call.
+        self.node.linearize().await?;
+        let revision = self.node.store.revision();
+        let mut sidecars = Vec::new();
+        let mut unreachable = Vec::new();
+        let asks = self.members().into_iter().map(|m| {
+            let node = self.node.clone();
+            async move {
+                if m.node_id == node.id {
+                    return (m.node_id, Ok(node.sidecars.list(node.id)));
+                }
+                let result = async {
+                    let channel = node.admin_channel(&m.admin_addr)?;
+                    let mut req = Request::new(pb::LocalSidecarsRequest {});
+                    req.set_timeout(node.request_timeout);
+                    InternalClient::new(channel)
+                        .local_sidecars(req)
+                        .await
+                        .map(|r| r.into_inner().sidecars)
+                        .map_err(ApiError::Remote)
+                }
+                .await;
+                (m.node_id, result)
+            }
+        });
+        for (id, result) in futures::future::join_all(asks).await {
+            match result {
+                Ok(list) => sidecars.extend(list),
+                Err(e) => unreachable.push(format!("node {id}: {e}")),
+            }
+        }
+        Ok(Response::new(pb::ProxyStatusResponse {
+            header: Some(self.node.header(revision)),
+            revision,
+            sidecars,
+            unreachable,
+        }))
+    }
+
     #[tracing::instrument(level = "info", skip_all)]
     async fn snapshot(
         &self,
@@ -350,7 +396,7 @@ async fn transfer(node: &Node, target: NodeId, target_raft_addr: &str) -> Result
     raft.runtime_config().heartbeat(false);
     raft.runtime_config().elect(false);
     let deadline = election_max * 4 + Duration::from_secs(1);
-    let channel = lazy_channel(target_raft_addr, PEER_CONNECT_TIMEOUT)
+    let channel = lazy_channel(target_raft_addr, PEER_CONNECT_TIMEOUT, &node.client_tls)
         .map_err(|e| ApiError::internal("leader transfer", e))?;
     let mut req = tonic::Request::new(TimeoutNowRequest {
         from_leader: node.id,

@@ -16,10 +16,20 @@ pub const MAX_TXN_BYTES: usize = 4 * 1024 * 1024;
 /// Most compares in one txn.
 pub const MAX_TXN_COMPARES: usize = 128;
 
-/// Check a key: non-empty, at most [`MAX_KEY_BYTES`].
+/// Check a key: non-empty, at most [`MAX_KEY_BYTES`], not one of the
+/// control plane's own ([`crate::system::RESERVED_PREFIX`]).
 pub fn check_key(field: &str, key: &str) -> Result<(), ApiError> {
     if key.is_empty() {
         return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    if crate::system::is_reserved(key) {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "{key:?} is under {}, which the control plane keeps for itself (CA, join tokens, certificates); use the Identity API (`trellisctl token`, `trellisctl cert`)",
+                crate::system::RESERVED_PREFIX
+            ),
+        ));
     }
     if key.len() > MAX_KEY_BYTES {
         return Err(ApiError::invalid(

@@ -182,7 +182,12 @@ impl Kv for KvService {
                 };
                 Ok(Response::new(pb::ListResponse {
                     header: Some(self.node.header(page.revision)),
-                    kvs: page.kvs.into_iter().map(kv_to_pb).collect(),
+                    kvs: page
+                        .kvs
+                        .into_iter()
+                        .filter(|kv| !crate::system::is_reserved(&kv.key))
+                        .map(kv_to_pb)
+                        .collect(),
                     next_page_token,
                 }))
             }

@@ -12,6 +12,11 @@
 //! - [`resources`]: `Resources` — apply, get, list, delete mesh documents
 //!   (`trellis/v1`, parsed and validated by `trellis-resources`).
 //!
+//! - [`identity`]: `Identity` — the cluster CA, join tokens, issued
+//!   certificates (work in [`crate::ca`]).
+//! - [`internal`]: `Internal` — node-to-node proposals, read index and
+//!   the proxy-status fan-out.
+//!
 //! Writes and linearizable reads go through [`crate::node::Node::route`]:
 //! served here if this node leads, else forwarded once to the leader
 //! (marked with the [`FORWARDED`] header so they never bounce).
@@ -33,6 +38,8 @@ macro_rules! forward {
 
 pub mod cluster;
 pub mod convert;
+pub mod identity;
+pub mod internal;
 pub mod kv;
 pub mod lease;
 pub mod resources;
@@ -115,6 +122,22 @@ pub fn lease_service(node: Arc<Node>) -> LeaseServer<lease::LeaseService> {
 /// The `Resources` service of `node`.
 pub fn resources_service(node: Arc<Node>) -> ResourcesServer<resources::ResourcesService> {
     ResourcesServer::new(resources::ResourcesService::new(node))
+        .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
+}
+
+/// The `Identity` service of `node`.
+pub fn identity_service(
+    node: Arc<Node>,
+) -> trellis_proto::admin::identity_server::IdentityServer<identity::IdentityService> {
+    trellis_proto::admin::identity_server::IdentityServer::new(identity::IdentityService::new(node))
+}
+
+/// The `Internal` service of `node`.
+pub fn internal_service(
+    node: Arc<Node>,
+) -> trellis_proto::admin::internal_server::InternalServer<internal::InternalService> {
+    trellis_proto::admin::internal_server::InternalServer::new(internal::InternalService::new(node))
         .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES)
 }

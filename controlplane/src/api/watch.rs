@@ -8,6 +8,7 @@
 //! - a start revision that was compacted away gets one response with
 //!   `compacted = true` and the stream ends: the client re-lists and
 //!   watches from the list's revision + 1;
+//! - keys under the control plane's reserved prefix are never sent;
 //! - a slow client only slows its own task: the task reads history at the
 //!   client's pace through a bounded channel, and if the client falls
 //!   behind compaction it is told to resync the same way.
@@ -113,7 +114,14 @@ async fn run(
                 }
                 continue;
             }
-            for rev in page.revisions {
+            for mut rev in page.revisions {
+                if crate::system::prefix_reaches_reserved(prefix) {
+                    rev.events
+                        .retain(|e| !crate::system::is_reserved(&e.kv.key));
+                    if rev.events.is_empty() {
+                        continue;
+                    }
+                }
                 let resp = pb::WatchResponse {
                     header: Some(node.header(rev.revision)),
                     events: rev

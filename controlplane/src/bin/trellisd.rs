@@ -40,7 +40,7 @@ struct Args {
     /// Admin gRPC listen address.
     #[arg(long)]
     admin_addr: Option<String>,
-    /// QUIC (sidecar) listen address, reserved.
+    /// QUIC (sidecar) listen address (UDP).
     #[arg(long)]
     quic_addr: Option<String>,
     /// Raft address advertised to peers (default: the bound raft address).
@@ -81,6 +81,26 @@ struct Args {
     #[cfg(feature = "bug-injection")]
     #[arg(long = "inject-bug", value_parser = parse_bug)]
     inject_bug: Vec<trellis_controlplane::bugs::Bug>,
+    /// The cluster CA certificate (PEM); with --cert-file and --key-file
+    /// every listener requires mutual TLS.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// This node's certificate (`trellisctl cert create --node ID`).
+    #[arg(long)]
+    cert_file: Option<PathBuf>,
+    /// This node's private key.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// DEVELOPMENT ONLY: plaintext, unauthenticated admin API and Raft RPC,
+    /// and no QUIC endpoint for sidecars.
+    #[arg(long)]
+    insecure_dev: bool,
+    /// Validity of certificates issued to sidecars (ms).
+    #[arg(long)]
+    workload_cert_ttl_ms: Option<u64>,
+    /// Instance lease TTL for sidecars that ask for none (ms).
+    #[arg(long)]
+    sidecar_lease_ttl_ms: Option<u64>,
     /// tracing filter (also RUST_LOG).
     #[arg(long)]
     log_level: Option<String>,
@@ -149,6 +169,22 @@ fn build_config(args: Args) -> Result<NodeConfig, String> {
         c.advertise_admin_addr = args.advertise_admin_addr;
     }
     c.peer_dial_overrides.extend(args.peer_dial);
+    set!(sidecars.workload_cert_ttl_ms <- args.workload_cert_ttl_ms);
+    set!(sidecars.lease_ttl_ms <- args.sidecar_lease_ttl_ms);
+    match (args.ca_file, args.cert_file, args.key_file) {
+        (None, None, None) => {}
+        (Some(ca_file), Some(cert_file), Some(key_file)) => {
+            c.tls = Some(trellis_controlplane::config::TlsConfig {
+                ca_file,
+                cert_file,
+                key_file,
+            })
+        }
+        _ => return Err("--ca-file, --cert-file and --key-file go together".to_string()),
+    }
+    if args.insecure_dev {
+        c.insecure_dev = true;
+    }
     c.validate().map_err(|e| e.to_string())?;
     Ok(c)
 }
@@ -201,7 +237,8 @@ async fn main() -> ExitCode {
         "node_id": running.node.id,
         "raft_addr": running.addrs.raft.to_string(),
         "admin_addr": running.addrs.admin.to_string(),
-        "quic_addr": running.addrs.quic.to_string(),
+        // Empty in --insecure-dev mode, which serves no QUIC endpoint.
+        "quic_addr": running.addrs.quic.map_or(String::new(), |a| a.to_string()),
     });
     println!("{ready}");
     wait_for_signal().await;

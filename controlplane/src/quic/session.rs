@@ -1,0 +1,310 @@
+//! A sidecar's session stream: instance registration under a lease, lease
+//! keepalives, and acks of the revision the sidecar has applied.
+//!
+//! The first `SessionRequest` registers the instance (if any) as the
+//! `Instance` resource `/instance/<ns>/<name>` of the connection's own
+//! service — namespace and service come from the verified certificate,
+//! never from the request — attached to a lease. A sidecar that failed
+//! over from another node resumes its lease (`resume_lease_id`), so the
+//! registry does not churn. Each `SessionUpdate` keeps the lease alive
+//! (through the leader's lease keeper, like `Lease.KeepAlive`) and records
+//! the applied revision for proxy-status. `goodbye` revokes the lease,
+//! which deregisters the instance at once; a dropped connection leaves the
+//! lease to expire, in case the sidecar re-attaches elsewhere in time.
+
+use std::sync::Arc;
+
+use quinn::{RecvStream, SendStream};
+use trellis_identity::Identity;
+use trellis_proto::admin as pb;
+use trellis_proto::admin::lease_server::Lease as _;
+use trellis_proto::frame::{read_frame, write_frame};
+use trellis_proto::sidecar as sc;
+use trellis_raft_store::{Command, Outcome};
+use trellis_resources::{InstanceSpec, Metadata, Resource, Spec};
+
+use super::registry::SidecarRegistry;
+use crate::api::lease::LeaseService;
+use crate::error::ApiError;
+use crate::node::Node;
+use crate::system::now_unix_ms;
+
+/// Largest session frame accepted (registrations and updates are small).
+const MAX_SESSION_FRAME: usize = 64 * 1024;
+
+/// Why a session ended (for the log).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    #[error("sidecar went away")]
+    Gone,
+    #[error("bad frame: {0}")]
+    Frame(#[from] trellis_proto::frame::FrameError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+/// The Instance resource a registration describes.
+fn instance_resource(
+    namespace: &str,
+    service: &str,
+    reg: &sc::InstanceRegistration,
+) -> Result<Resource, ApiError> {
+    let address = reg.address.parse().map_err(|_| {
+        ApiError::invalid(
+            "instance.address",
+            format!("{:?} is not an IP address", reg.address),
+        )
+    })?;
+    let port = u16::try_from(reg.port)
+        .map_err(|_| ApiError::invalid("instance.port", format!("{} is not a port", reg.port)))?;
+    let resource = Resource {
+        metadata: Metadata::new(reg.name.clone(), namespace),
+        spec: Spec::Instance(InstanceSpec {
+            service: service.to_string(),
+            address,
+            port,
+            labels: reg.labels.clone().into_iter().collect(),
+            weight: if reg.weight == 0 {
+                trellis_resources::service::DEFAULT_INSTANCE_WEIGHT
+            } else {
+                reg.weight
+            },
+            health: Default::default(),
+        }),
+    };
+    resource.validate().map_err(|errs| {
+        ApiError::invalid(
+            "instance",
+            errs.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    Ok(resource)
+}
+
+async fn keep_alive(node: &Arc<Node>, lease: u64) -> Result<u64, ApiError> {
+    LeaseService::new(node.clone())
+        .keep_alive(tonic::Request::new(pb::LeaseKeepAliveRequest { id: lease }))
+        .await
+        .map(|r| r.into_inner().ttl_ms)
+        .map_err(ApiError::Remote)
+}
+
+async fn grant(node: &Arc<Node>, ttl_ms: u64) -> Result<u64, ApiError> {
+    LeaseService::new(node.clone())
+        .grant(tonic::Request::new(pb::LeaseGrantRequest { id: 0, ttl_ms }))
+        .await
+        .map(|r| r.into_inner().id)
+        .map_err(ApiError::Remote)
+}
+
+/// Register (or re-register) the instance; returns (lease, key).
+async fn register(
+    node: &Arc<Node>,
+    namespace: &str,
+    service: &str,
+    req: &sc::SessionRequest,
+    reg: &sc::InstanceRegistration,
+) -> Result<(u64, String), ApiError> {
+    let resource = instance_resource(namespace, service, reg)?;
+    let key = resource.key();
+    let value = resource.to_json();
+    let ttl_ms = if req.ttl_ms == 0 {
+        node.config.sidecars.lease_ttl_ms
+    } else {
+        req.ttl_ms
+    };
+    let resumed = if req.resume_lease_id != 0 {
+        match keep_alive(node, req.resume_lease_id).await {
+            Ok(_) => Some(req.resume_lease_id),
+            Err(e) if e.to_sidecar().code == sc::error::Code::NotFound as i32 => None,
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    let lease = match resumed {
+        Some(l) => l,
+        None => grant(node, ttl_ms).await?,
+    };
+    // Unchanged registration under the same lease: nothing to write.
+    node.linearize().await?;
+    let current = node
+        .store
+        .get(&key)
+        .map_err(|e| ApiError::internal("store get", e))?;
+    if current
+        .as_ref()
+        .is_some_and(|kv| kv.lease == lease && kv.value == value)
+    {
+        return Ok((lease, key));
+    }
+    let resp = node
+        .propose(Command::Put {
+            key: key.clone(),
+            value,
+            expected_mod_revision: None,
+            prev_kv: false,
+            lease,
+        })
+        .await?;
+    match resp.outcome {
+        Outcome::Put { .. } => Ok((lease, key)),
+        Outcome::LeaseNotFound { id } => Err(ApiError::LeaseNotFound { id }),
+        other => Err(ApiError::internal(
+            "register instance",
+            format!("{other:?}"),
+        )),
+    }
+}
+
+async fn send(send: &mut SendStream, kind: sc::session_message::Kind) -> Result<(), SessionEnd> {
+    write_frame(send, &sc::SessionMessage { kind: Some(kind) })
+        .await
+        .map_err(|_| SessionEnd::Gone)
+}
+
+/// Serve one session stream.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    node: &Arc<Node>,
+    registry: &SidecarRegistry,
+    conn_id: u64,
+    identity: &Identity,
+    spiffe_id: &str,
+    req: sc::SessionRequest,
+    tx: &mut SendStream,
+    rx: &mut RecvStream,
+) -> Result<(), SessionEnd> {
+    let (lease, instance_key) = match (&req.instance, identity) {
+        (None, _) => (0, String::new()),
+        (Some(reg), Identity::Workload { namespace, service }) => {
+            register(node, namespace, service, &req, reg).await?
+        }
+        (Some(_), other) => {
+            return Err(ApiError::PermissionDenied(format!(
+                "{other} is not a workload identity and cannot register an instance"
+            ))
+            .into())
+        }
+    };
+    let ttl_ms = if lease == 0 {
+        0
+    } else if req.ttl_ms == 0 {
+        node.config.sidecars.lease_ttl_ms
+    } else {
+        req.ttl_ms
+    };
+    registry.update(conn_id, |e| {
+        e.sidecar_name = req.sidecar_name.clone();
+        e.instance_key = instance_key.clone();
+        e.lease_id = lease;
+        e.applied_revision = req.applied_revision;
+        e.last_update_unix_ms = now_unix_ms();
+    });
+    tracing::info!(%spiffe_id, sidecar = %req.sidecar_name, %instance_key, lease, "session open");
+    send(
+        tx,
+        sc::session_message::Kind::Accepted(sc::SessionAccepted {
+            node_id: node.id,
+            spiffe_id: spiffe_id.to_string(),
+            lease_id: lease,
+            ttl_ms,
+            instance_key: instance_key.clone(),
+        }),
+    )
+    .await?;
+    loop {
+        let Some(update) =
+            read_frame::<_, sc::SessionUpdate>(rx, MAX_SESSION_FRAME, "session update").await?
+        else {
+            return Err(SessionEnd::Gone);
+        };
+        registry.update(conn_id, |e| {
+            e.applied_revision = e.applied_revision.max(update.applied_revision);
+            e.last_update_unix_ms = now_unix_ms();
+        });
+        if update.goodbye {
+            if lease != 0 {
+                crate::api::lease::LeaseService::new(node.clone())
+                    .revoke(tonic::Request::new(pb::LeaseRevokeRequest { id: lease }))
+                    .await
+                    .map_err(ApiError::Remote)?;
+            }
+            tracing::info!(%spiffe_id, %instance_key, "session closed by the sidecar (deregistered)");
+            send(
+                tx,
+                sc::session_message::Kind::Ack(sc::SessionAck {
+                    ttl_ms: 0,
+                    revision: node.store.revision(),
+                }),
+            )
+            .await?;
+            return Ok(());
+        }
+        let ttl = if lease == 0 {
+            0
+        } else {
+            keep_alive(node, lease).await?
+        };
+        send(
+            tx,
+            sc::session_message::Kind::Ack(sc::SessionAck {
+                ttl_ms: ttl,
+                revision: node.store.revision(),
+            }),
+        )
+        .await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registrations_become_valid_instances_or_clear_errors() {
+        let reg = sc::InstanceRegistration {
+            name: "reviews-1".into(),
+            address: "127.0.0.1".into(),
+            port: 9080,
+            labels: [("version".to_string(), "v2".to_string())].into(),
+            weight: 0,
+        };
+        let r = instance_resource("default", "reviews", &reg).unwrap();
+        assert_eq!(r.key(), "/instance/default/reviews-1");
+        let Spec::Instance(spec) = &r.spec else {
+            panic!("not an instance")
+        };
+        assert_eq!(spec.service, "reviews");
+        assert_eq!(
+            spec.weight,
+            trellis_resources::service::DEFAULT_INSTANCE_WEIGHT
+        );
+
+        let bad = sc::InstanceRegistration {
+            address: "example.com".into(),
+            ..reg.clone()
+        };
+        let err = instance_resource("default", "reviews", &bad).unwrap_err();
+        assert!(err.to_string().contains("instance.address"), "{err}");
+        let bad = sc::InstanceRegistration {
+            port: 70000,
+            ..reg.clone()
+        };
+        assert!(instance_resource("default", "reviews", &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("instance.port"));
+        let bad = sc::InstanceRegistration {
+            name: "Bad_Name".into(),
+            ..reg
+        };
+        assert!(instance_resource("default", "reviews", &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("metadata.name"));
+    }
+}
