@@ -1,0 +1,641 @@
+//! `trellis-sidecar` configuration: a TOML file (`--config`) and/or flags
+//! (flags win, applied by `main.rs`), checked by [`SidecarConfig::validate`]
+//! before anything starts. Every error names the field at fault, e.g.
+//! `seeds[1]: "x" is not host:port`.
+//!
+//! ```toml
+//! namespace = "default"
+//! service = "reviews"
+//! seeds = ["10.0.0.1:7381", "10.0.0.2:7381", "10.0.0.3:7381"]
+//! data_dir = "/var/lib/trellis-sidecar"
+//! ca_file = "/etc/trellis/ca.pem"
+//! join_token_file = "/etc/trellis/join-token"   # only read if no valid cert is on disk
+//! admin_addr = "127.0.0.1:15000"
+//!
+//! [instance]
+//! name = "reviews-7f9c"
+//! address = "10.0.1.7"
+//! port = 9080
+//! labels = { version = "v2", zone = "us-east-1a" }
+//! ```
+//!
+//! Files under `data_dir` (all written atomically):
+//! `identity/{cert,key,ca}.pem`, `config.json` (last good config, see
+//! [`crate::disk`]) and `admin.addr` (the bound admin address).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Namespace of a sidecar that does not say: the mesh's default namespace,
+/// so a mesh without namespaces never writes one.
+pub const DEFAULT_NAMESPACE: &str = trellis_resources::DEFAULT_NAMESPACE;
+/// Admin/debug HTTP endpoint: loopback only (it exposes the whole config),
+/// on Envoy's familiar admin port.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// Watch the whole mesh: a sidecar needs services, routes and policies of
+/// any namespace it may call.
+pub const DEFAULT_WATCH_PREFIX: &str = "/";
+/// Lease TTL of the registered instance: keepalives go every ttl/3, so
+/// 10 s tolerates two lost keepalives plus a control-plane failover (≤ 1 s)
+/// before a healthy instance could expire, while a dead sidecar's instance
+/// disappears within 10 s.
+pub const DEFAULT_LEASE_TTL_MS: u64 = 10_000;
+/// First reconnect delay cap: short, because the usual reason to reconnect
+/// is a failed control node and the next seed is probably fine.
+pub const DEFAULT_RECONNECT_BASE_MS: u64 = 50;
+/// Largest reconnect delay cap: while the whole control plane is down,
+/// 2 s keeps a thousand sidecars' retries to ~500 handshakes/s.
+pub const DEFAULT_RECONNECT_MAX_MS: u64 = 2_000;
+/// QUIC handshake timeout: loopback and LAN handshakes take well under
+/// 10 ms; a node that does not answer in 1 s is treated as down.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// Ask the server for a Progress at least every second while idle: it
+/// advances the acknowledged revision and proves the stream is alive.
+pub const DEFAULT_PROGRESS_INTERVAL_MS: u32 = 1_000;
+/// Renew the certificate two thirds into its lifetime: a third of it is
+/// left for retries through a control-plane outage.
+pub const DEFAULT_RENEW_AT_FRACTION: f64 = 0.66;
+
+/// Shortest lease TTL accepted: keepalives every ttl/3 must survive a
+/// reconnect (≥ 50 ms backoff + handshake).
+pub const MIN_LEASE_TTL_MS: u64 = 500;
+/// Longest lease TTL accepted: a dead instance should not linger for more
+/// than an hour.
+pub const MAX_LEASE_TTL_MS: u64 = 3_600_000;
+
+/// The instance this sidecar registers (through the session stream) while
+/// it is connected. Namespace and service come from its certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    /// Instance name, unique in the namespace (DNS-1123 label); default:
+    /// the sidecar's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// IP literal where this instance's sidecar accepts traffic.
+    pub address: String,
+    /// Port at `address`, 1..=65535.
+    pub port: u16,
+    /// Instance labels (`version`, `zone`, ...) used by subsets and locality.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Relative weight for weighted balancing; 0 means the default
+    /// ([`trellis_resources::service::DEFAULT_INSTANCE_WEIGHT`]).
+    #[serde(default)]
+    pub weight: u32,
+}
+
+/// Everything the sidecar's control-plane side needs to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// The sidecar's own name (shown by `trellisctl proxy-status`); default
+    /// `<service>-<pid>` (or `sidecar-<pid>`), see [`SidecarConfig::resolved_name`].
+    pub name: Option<String>,
+    /// Namespace of the service this sidecar fronts.
+    pub namespace: String,
+    /// The service this sidecar fronts; required when `instance` is set.
+    pub service: String,
+    /// Control nodes' QUIC addresses, `host:port`; at least one. The sidecar
+    /// starts at a random one and moves to the next on failure.
+    pub seeds: Vec<String>,
+    /// Where the certificate, the last good config and `admin.addr` live.
+    pub data_dir: PathBuf,
+    /// The cluster's root CA certificate (PEM), which every control node's
+    /// certificate chains to.
+    pub ca_file: PathBuf,
+    /// Join token (`trellisctl token create`), used only when no valid
+    /// certificate is on disk. At most one of `join_token`, `join_token_file`.
+    pub join_token: Option<String>,
+    /// File holding the join token (read only when a join is needed).
+    pub join_token_file: Option<PathBuf>,
+    /// Admin HTTP listen address; port 0 picks a free port (written to
+    /// `<data_dir>/admin.addr`).
+    pub admin_addr: String,
+    /// Key prefix to watch (`/` for the whole mesh).
+    pub watch_prefix: String,
+    /// The instance to register; absent for a client-only sidecar.
+    pub instance: Option<InstanceConfig>,
+    /// Lease TTL of the registration (ms).
+    pub lease_ttl_ms: u64,
+    /// First reconnect backoff cap (ms); doubles per failure up to the max.
+    pub reconnect_base_ms: u64,
+    /// Largest reconnect backoff cap (ms).
+    pub reconnect_max_ms: u64,
+    /// QUIC connect (handshake) timeout (ms).
+    pub connect_timeout_ms: u64,
+    /// Idle Progress interval asked of the server (ms; 0: only when needed).
+    pub progress_interval_ms: u32,
+    /// Renew the certificate at this fraction of its lifetime (0.1..=0.9).
+    pub renew_at_fraction: f64,
+}
+
+impl Default for SidecarConfig {
+    fn default() -> Self {
+        SidecarConfig {
+            name: None,
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            service: String::new(),
+            seeds: Vec::new(),
+            data_dir: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            join_token: None,
+            join_token_file: None,
+            admin_addr: DEFAULT_ADMIN_ADDR.to_string(),
+            watch_prefix: DEFAULT_WATCH_PREFIX.to_string(),
+            instance: None,
+            lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
+            reconnect_base_ms: DEFAULT_RECONNECT_BASE_MS,
+            reconnect_max_ms: DEFAULT_RECONNECT_MAX_MS,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            progress_interval_ms: DEFAULT_PROGRESS_INTERVAL_MS,
+            renew_at_fraction: DEFAULT_RENEW_AT_FRACTION,
+        }
+    }
+}
+
+/// A configuration problem. Never retry-safe: the same config fails again.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// toml's message carries the line, column and field.
+    #[error("config {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    /// A value is missing or wrong; `field` is its path (`seeds[1]`,
+    /// `instance.port`).
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Checks that `s` is `host:port` (IP literal, `[v6]:port` or DNS name)
+/// with a non-zero port.
+fn is_host_port(s: &str) -> bool {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return a.port() != 0;
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = matches!(port.parse::<u16>(), Ok(p) if p != 0);
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    port_ok && host_ok
+}
+
+/// DNS-1123 label: 1..=63 of `[a-z0-9-]`, starting and ending alphanumeric.
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+impl SidecarConfig {
+    /// Load a TOML file (unknown fields are errors); not yet validated.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parse TOML text; the error string names line, column and field.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// The sidecar's name: `name`, else `<service>-<pid>`, else
+    /// `sidecar-<pid>`.
+    pub fn resolved_name(&self) -> String {
+        match &self.name {
+            Some(n) if !n.is_empty() => n.clone(),
+            _ if !self.service.is_empty() => format!("{}-{}", self.service, std::process::id()),
+            _ => format!("sidecar-{}", std::process::id()),
+        }
+    }
+
+    /// `<data_dir>/identity`: cert.pem, key.pem (0600), ca.pem.
+    pub fn identity_dir(&self) -> PathBuf {
+        self.data_dir.join("identity")
+    }
+
+    /// `<data_dir>/config.json`: the last good config.
+    pub fn config_cache_path(&self) -> PathBuf {
+        self.data_dir.join("config.json")
+    }
+
+    /// `<data_dir>/admin.addr`: the bound admin address, for tests and tools.
+    pub fn admin_addr_path(&self) -> PathBuf {
+        self.data_dir.join("admin.addr")
+    }
+
+    /// Checks every field; the first problem found is returned, naming its
+    /// field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(name) = &self.name {
+            if name.is_empty()
+                || name.len() > 253
+                || name.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(invalid(
+                    "name",
+                    format!("{name:?} must be 1..=253 characters without spaces"),
+                ));
+            }
+        }
+        if !is_dns_label(&self.namespace) {
+            return Err(invalid(
+                "namespace",
+                format!("{:?} is not a DNS-1123 label", self.namespace),
+            ));
+        }
+        if !self.service.is_empty() && !is_dns_label(&self.service) {
+            return Err(invalid(
+                "service",
+                format!("{:?} is not a DNS-1123 label", self.service),
+            ));
+        }
+        if self.seeds.is_empty() {
+            return Err(invalid(
+                "seeds",
+                "at least one control-node address is required",
+            ));
+        }
+        for (i, s) in self.seeds.iter().enumerate() {
+            if !is_host_port(s) {
+                return Err(invalid(
+                    format!("seeds[{i}]"),
+                    format!("{s:?} is not host:port"),
+                ));
+            }
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "required"));
+        }
+        if self.ca_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "ca_file",
+                "required (the cluster root CA certificate, PEM)",
+            ));
+        }
+        match (&self.join_token, &self.join_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "join_token",
+                    "set only one of join_token and join_token_file",
+                ))
+            }
+            (Some(t), None) => {
+                if let Err(e) = trellis_identity::JoinToken::parse(t.trim()) {
+                    return Err(invalid("join_token", e.to_string()));
+                }
+            }
+            (None, Some(p)) if p.as_os_str().is_empty() => {
+                return Err(invalid("join_token_file", "empty path"));
+            }
+            _ => {}
+        }
+        if let Err(e) = self.admin_addr.parse::<SocketAddr>() {
+            return Err(invalid(
+                "admin_addr",
+                format!(
+                    "{:?} is not IP:port ({e}); port 0 picks a free port",
+                    self.admin_addr
+                ),
+            ));
+        }
+        if !self.watch_prefix.starts_with('/') {
+            return Err(invalid(
+                "watch_prefix",
+                format!("{:?} must start with \"/\"", self.watch_prefix),
+            ));
+        }
+        if let Some(inst) = &self.instance {
+            self.validate_instance(inst)?;
+        }
+        if !(MIN_LEASE_TTL_MS..=MAX_LEASE_TTL_MS).contains(&self.lease_ttl_ms) {
+            return Err(invalid(
+                "lease_ttl_ms",
+                format!(
+                    "must be in {MIN_LEASE_TTL_MS}..={MAX_LEASE_TTL_MS}, got {}",
+                    self.lease_ttl_ms
+                ),
+            ));
+        }
+        if self.reconnect_base_ms == 0 {
+            return Err(invalid("reconnect_base_ms", "must be at least 1"));
+        }
+        if self.reconnect_max_ms < self.reconnect_base_ms {
+            return Err(invalid(
+                "reconnect_max_ms",
+                format!(
+                    "must be at least reconnect_base_ms ({}), got {}",
+                    self.reconnect_base_ms, self.reconnect_max_ms
+                ),
+            ));
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err(invalid("connect_timeout_ms", "must be at least 1"));
+        }
+        if !(self.renew_at_fraction.is_finite() && (0.1..=0.9).contains(&self.renew_at_fraction)) {
+            return Err(invalid(
+                "renew_at_fraction",
+                format!("must be in 0.1..=0.9, got {}", self.renew_at_fraction),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_instance(&self, inst: &InstanceConfig) -> Result<(), ConfigError> {
+        if self.service.is_empty() {
+            return Err(invalid(
+                "service",
+                "required when an instance is registered ([instance] is set)",
+            ));
+        }
+        if let Some(name) = &inst.name {
+            if !is_dns_label(name) {
+                return Err(invalid(
+                    "instance.name",
+                    format!("{name:?} is not a DNS-1123 label"),
+                ));
+            }
+        } else if !is_dns_label(&self.resolved_name()) {
+            return Err(invalid(
+                "instance.name",
+                format!(
+                    "required: the sidecar name {:?} is not a DNS-1123 label",
+                    self.resolved_name()
+                ),
+            ));
+        }
+        match inst.address.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+                return Err(invalid(
+                    "instance.address",
+                    format!("{ip} is not a unicast address an instance can listen on"),
+                ))
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(invalid(
+                    "instance.address",
+                    format!("{:?} is not an IP address", inst.address),
+                ))
+            }
+        }
+        if inst.port == 0 {
+            return Err(invalid("instance.port", "must be in 1..=65535"));
+        }
+        let max_weight = trellis_resources::service::MAX_INSTANCE_WEIGHT;
+        if inst.weight > max_weight {
+            return Err(invalid(
+                "instance.weight",
+                format!(
+                    "must be in 0..={max_weight} (0: default), got {}",
+                    inst.weight
+                ),
+            ));
+        }
+        for k in inst.labels.keys() {
+            if k.is_empty() || k.len() > 63 || k.chars().any(|c| c.is_whitespace()) {
+                return Err(invalid(
+                    format!("instance.labels.{k}"),
+                    "label names are 1..=63 characters without spaces",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The instance name to register: `instance.name`, else the sidecar's.
+    pub fn instance_name(&self) -> Option<String> {
+        self.instance
+            .as_ref()
+            .map(|i| i.name.clone().unwrap_or_else(|| self.resolved_name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> SidecarConfig {
+        SidecarConfig::from_toml(
+            r#"
+            seeds = ["127.0.0.1:7381"]
+            data_dir = "/tmp/x"
+            ca_file = "/tmp/ca.pem"
+            "#,
+        )
+        .unwrap()
+    }
+
+    /// A change that breaks one field.
+    type Mutation<T> = fn(&mut T);
+
+    fn field_of(e: ConfigError) -> String {
+        match e {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("not a field error: {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_named_constants() {
+        let c = minimal();
+        c.validate().unwrap();
+        assert_eq!(c.namespace, "default");
+        assert_eq!(c.admin_addr, DEFAULT_ADMIN_ADDR);
+        assert_eq!(c.watch_prefix, "/");
+        assert_eq!(c.lease_ttl_ms, 10_000);
+        assert_eq!(c.reconnect_base_ms, 50);
+        assert_eq!(c.reconnect_max_ms, 2_000);
+        assert_eq!(c.connect_timeout_ms, 1_000);
+        assert_eq!(c.progress_interval_ms, 1_000);
+        assert!((c.renew_at_fraction - 0.66).abs() < f64::EPSILON);
+        assert!(c.instance.is_none());
+        assert!(c.resolved_name().starts_with("sidecar-"));
+        assert_eq!(c.config_cache_path(), PathBuf::from("/tmp/x/config.json"));
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = SidecarConfig::from_toml(
+            r#"
+            name = "reviews-a"
+            namespace = "shop"
+            service = "reviews"
+            seeds = ["10.0.0.1:7381", "[::1]:7381", "node-3.example:7381"]
+            data_dir = "/var/lib/s"
+            ca_file = "/etc/ca.pem"
+            join_token_file = "/etc/token"
+            admin_addr = "127.0.0.1:0"
+            watch_prefix = "/route/"
+            lease_ttl_ms = 3000
+            [instance]
+            address = "10.0.1.7"
+            port = 9080
+            labels = { version = "v2" }
+            weight = 10
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.instance_name().as_deref(), Some("reviews-a"));
+        assert_eq!(c.instance.as_ref().unwrap().labels["version"], "v2");
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        let e = SidecarConfig::from_toml("seedz = []").unwrap_err();
+        assert!(e.contains("seedz"), "{e}");
+        let e = SidecarConfig::from_toml("[instance]\naddress=\"1.2.3.4\"\nport=1\nwieght=3")
+            .unwrap_err();
+        assert!(e.contains("wieght"), "{e}");
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let mut c = minimal();
+        c.seeds.clear();
+        let e = c.validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "seeds: at least one control-node address is required"
+        );
+
+        let mut c = minimal();
+        c.seeds.push("x".into());
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            r#"seeds[1]: "x" is not host:port"#
+        );
+
+        let cases: Vec<(&str, Mutation<SidecarConfig>)> = vec![
+            ("data_dir", |c| c.data_dir = PathBuf::new()),
+            ("ca_file", |c| c.ca_file = PathBuf::new()),
+            ("namespace", |c| c.namespace = "Bad_NS".into()),
+            ("service", |c| c.service = "no spaces".into()),
+            ("admin_addr", |c| c.admin_addr = "localhost".into()),
+            ("watch_prefix", |c| c.watch_prefix = "route/".into()),
+            ("lease_ttl_ms", |c| c.lease_ttl_ms = 1),
+            ("reconnect_base_ms", |c| c.reconnect_base_ms = 0),
+            ("reconnect_max_ms", |c| c.reconnect_max_ms = 10),
+            ("connect_timeout_ms", |c| c.connect_timeout_ms = 0),
+            ("renew_at_fraction", |c| c.renew_at_fraction = 1.5),
+            ("renew_at_fraction", |c| c.renew_at_fraction = f64::NAN),
+            ("join_token", |c| c.join_token = Some("not-a-token".into())),
+            ("join_token_file", |c| {
+                c.join_token_file = Some(PathBuf::new())
+            }),
+            ("join_token", |c| {
+                c.join_token = Some("t".into());
+                c.join_token_file = Some("/f".into());
+            }),
+            ("service", |c| {
+                c.instance = Some(InstanceConfig {
+                    name: None,
+                    address: "10.0.0.1".into(),
+                    port: 80,
+                    labels: BTreeMap::new(),
+                    weight: 0,
+                })
+            }),
+        ];
+        for (field, mutate) in cases {
+            let mut c = minimal();
+            mutate(&mut c);
+            assert_eq!(field_of(c.validate().unwrap_err()), field);
+        }
+    }
+
+    #[test]
+    fn instance_fields_are_checked() {
+        let base = || {
+            let mut c = minimal();
+            c.service = "reviews".into();
+            c.instance = Some(InstanceConfig {
+                name: Some("reviews-1".into()),
+                address: "10.0.0.1".into(),
+                port: 9080,
+                labels: BTreeMap::new(),
+                weight: 0,
+            });
+            c
+        };
+        base().validate().unwrap();
+        let cases: Vec<(&str, Mutation<InstanceConfig>)> = vec![
+            ("instance.address", |i| i.address = "host".into()),
+            ("instance.address", |i| i.address = "0.0.0.0".into()),
+            ("instance.port", |i| i.port = 0),
+            ("instance.weight", |i| i.weight = 1_000_000),
+            ("instance.name", |i| i.name = Some("UPPER".into())),
+            ("instance.labels. x", |i| {
+                i.labels.insert(" x".into(), "y".into());
+            }),
+        ];
+        for (field, mutate) in cases {
+            let mut c = base();
+            mutate(c.instance.as_mut().unwrap());
+            assert_eq!(field_of(c.validate().unwrap_err()), field);
+        }
+    }
+
+    #[test]
+    fn host_port_forms() {
+        for ok in ["1.2.3.4:1", "[::1]:7381", "a.b-c.d:80", "localhost:7381"] {
+            assert!(is_host_port(ok), "{ok}");
+        }
+        for bad in [
+            "x",
+            "1.2.3.4",
+            "1.2.3.4:0",
+            ":80",
+            "a..b:80",
+            "a:b:c",
+            "h:99999",
+        ] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sidecar.toml");
+        let e = SidecarConfig::from_file(&p).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+        std::fs::write(&p, "seeds = 3").unwrap();
+        let e = SidecarConfig::from_file(&p).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("config {}: ", p.display())),
+            "{e}"
+        );
+    }
+}
