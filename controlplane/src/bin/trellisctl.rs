@@ -3,9 +3,11 @@
 //! Talks to the `trellisd` admin gRPC API (`trellis.admin.v1`): mesh
 //! resources (`apply`, `diff`, `get KIND`, `delete KIND`, `watch KIND`),
 //! leases (`lease`), the revisioned key-value store (`put`, `get`, `list`,
-//! `delete`, `compact`, `watch`, and the same under `kv`) and cluster
-//! operations (`cluster`, `member`, `leader`). Exit codes follow the table
-//! in `docs/CONTRACTS.md`.
+//! `delete`, `compact`, `watch`, and the same under `kv`), cluster
+//! operations (`cluster`, `member`, `leader`, `proxy-status`) and identity
+//! (`ca`, `cert`, `token`; `ca create` and `cert create` work offline on
+//! files). With `--ca-file` it speaks TLS (mutual with `--cert-file` and
+//! `--key-file`). Exit codes follow the table in `docs/CONTRACTS.md`.
 //!
 //! This file only parses the command line, runs the command on a
 //! single-threaded Tokio runtime and turns the outcome into an exit code; the
@@ -25,14 +27,20 @@ mod diff;
 mod error;
 #[path = "trellisctl/files.rs"]
 mod files;
+#[path = "trellisctl/identity.rs"]
+mod identity;
 #[path = "trellisctl/kv.rs"]
 mod kv;
 #[path = "trellisctl/lease.rs"]
 mod lease;
 #[path = "trellisctl/output.rs"]
 mod output;
+#[path = "trellisctl/proxy_status.rs"]
+mod proxy_status;
 #[path = "trellisctl/resources.rs"]
 mod resources;
+#[path = "trellisctl/tls.rs"]
+mod tls;
 #[path = "trellisctl/watch.rs"]
 mod watch;
 

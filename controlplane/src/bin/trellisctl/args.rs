@@ -1,6 +1,7 @@
 //! Command-line syntax of trellisctl (clap derive) and the value parsers for
-//! `--timeout` (humane durations such as `5s`, `500ms`, `1m30s`) and
-//! `--endpoints` (`host:port` or `http://host:port`).
+//! `--timeout` (humane durations such as `5s`, `500ms`, `1m30s`), long
+//! durations with days (`--validity 365d`, `--ttl 7d`) and `--endpoints`
+//! (`host:port`, `http://host:port` or `https://host:port`).
 //!
 //! `get`, `delete` and `watch` take either a resource kind or a raw key
 //! (prefix) as their first argument; which one is decided after parsing
@@ -10,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 /// Operator CLI for the Trellis control plane (trellisd admin API).
 #[derive(Debug, Parser)]
@@ -21,8 +22,15 @@ instance (inst), route (rt), destinationpolicy (dp), quota, accesspolicy (ap); p
 `get`, `delete` and `watch` treat a first argument that names a kind as a kind and anything \
 else as a key; `trellisctl kv ...` always means keys.
 
-Exit codes: 0 ok, 1 other error, 2 usage or invalid argument, \
-3 not found, 4 compare-and-set conflict, 5 unavailable, 6 degraded (cluster status). \
+TLS: --ca-file (the cluster CA) makes trellisctl speak TLS and check the server's certificate; \
+--cert-file and --key-file (both or neither) present a client certificate, which clusters with \
+mutual TLS require (`trellisctl cert create --admin NAME`). Without --ca-file trellisctl speaks \
+plaintext, for clusters started with `trellisd --insecure-dev`.
+
+Exit codes: 0 ok, 1 other error, 2 usage or invalid argument (also unreadable TLS files, or \
+TLS/plaintext not matching the server), 3 not found, 4 compare-and-set conflict, 5 unavailable, \
+6 degraded (cluster status, proxy-status: some members unreachable), 7 not authorized \
+(UNAUTHENTICATED, PERMISSION_DENIED, or a certificate rejected in the TLS handshake). \
 `diff` exits 1 when there are differences and 2 for other errors."
 )]
 pub struct Cli {
@@ -46,6 +54,19 @@ pub struct Cli {
     /// Deadline of each request (e.g. 5s, 500ms, 1m30s)
     #[arg(long, global = true, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Duration,
+
+    /// The cluster CA certificate (PEM): speak TLS and check the server's
+    /// certificate against it (without it: plaintext)
+    #[arg(long, global = true, env = "TRELLIS_CA_FILE", value_name = "FILE", value_parser = parse_path)]
+    pub ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS; needs --key-file and --ca-file
+    #[arg(long, global = true, env = "TRELLIS_CERT_FILE", value_name = "FILE", value_parser = parse_path)]
+    pub cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --cert-file
+    #[arg(long, global = true, env = "TRELLIS_KEY_FILE", value_name = "FILE", value_parser = parse_path)]
+    pub key_file: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -99,6 +120,19 @@ pub enum Command {
     /// Leadership operations
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// The cluster CA: create one (offline), load it into the cluster, show it
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Certificates: create node and admin certificates from the CA files
+    /// (offline), list those the cluster issued
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Join tokens that let sidecars of one service get a certificate
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Every sidecar connected to the cluster and whether it applied the
+    /// cluster's latest revision (exit 6 if some member could not be asked)
+    ProxyStatus,
 }
 
 #[derive(Debug, Args)]
@@ -338,12 +372,21 @@ pub struct LeaseIdArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
-    /// Form a cluster of every --endpoints node (Initialize on the first, AddMember for the rest)
-    Init,
+    /// Form a cluster of every --endpoints node (Initialize on the first,
+    /// AddMember for the rest), then load the CA of --ca-dir if given
+    Init(ClusterInitArgs),
     /// Ask every member for its Raft and store state
     Status,
     /// Build a snapshot on every member now and purge the log it covers
     Snapshot,
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterInitArgs {
+    /// Load the CA in DIR (ca.pem, ca-key.pem) into the cluster once it is
+    /// formed, so that it can issue certificates
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -392,13 +435,145 @@ pub struct LeaderTransferArgs {
     pub to: u64,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a new root CA in DIR: ca.pem and ca-key.pem (mode 0600);
+    /// offline, no cluster needed
+    Create(CaCreateArgs),
+    /// Store the CA of DIR (ca.pem, ca-key.pem) in the cluster so that it
+    /// can issue certificates (exit 4 if another CA is loaded)
+    Load(CaDirArgs),
+    /// Print the cluster's CA certificate (PEM; never the key) and its
+    /// trust domain
+    Show,
+}
+
+#[derive(Debug, Args)]
+pub struct CaCreateArgs {
+    /// Directory for ca.pem and ca-key.pem (created if missing)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// The SPIFFE trust domain of every identity the CA issues
+    #[arg(long, value_name = "TD", default_value = trellis_identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Overwrite existing files
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CaDirArgs {
+    /// Directory with ca.pem and ca-key.pem (from `trellisctl ca create`)
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue a node (`--node ID`) or admin (`--admin NAME`) certificate
+    /// from the CA files; offline, no cluster needed
+    Create(CertCreateArgs),
+    /// List the certificates the cluster issued that have not expired
+    List,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("subject").required(true).args(["node", "admin"])))]
+pub struct CertCreateArgs {
+    /// Directory with ca.pem and ca-key.pem (from `trellisctl ca create`)
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: PathBuf,
+    /// A certificate for trellisd node ID (node-ID.pem, node-ID-key.pem)
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    pub node: Option<u64>,
+    /// An IP address or DNS name the node is reached at; repeat or
+    /// separate with commas [default: 127.0.0.1, ::1, localhost]
+    #[arg(
+        long = "san",
+        value_name = "IP|DNS",
+        conflicts_with = "admin",
+        value_delimiter = ','
+    )]
+    pub sans: Vec<String>,
+    /// A certificate for operator NAME, for trellisctl's --cert-file
+    /// (admin-NAME.pem, admin-NAME-key.pem)
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub admin: Option<String>,
+    /// Directory for the files [default: --ca-dir]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// How long the certificate is valid (e.g. 365d, 720h) [default: the
+    /// node or admin default of trellis-identity]
+    #[arg(long, value_name = "DURATION", value_parser = parse_long_duration)]
+    pub validity: Option<Duration>,
+    /// Overwrite existing files
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token for the sidecars of one service; the token is
+    /// shown only now (`-q` prints nothing else)
+    Create(TokenCreateArgs),
+    /// List join tokens (never the secrets)
+    List,
+    /// Revoke a join token by its id (exit 3 if there is none)
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// The namespace of the service whose sidecars may join
+    #[arg(short = 'n', long, value_name = "NS", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub namespace: String,
+    /// The service whose sidecars may join
+    #[arg(long, value_name = "SVC", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub service: String,
+    /// How long the token can be used (e.g. 1h, 7d) [default: the server's]
+    #[arg(long, value_name = "DURATION", value_parser = parse_long_duration)]
+    pub ttl: Option<Duration>,
+    /// A note for `token list`
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub description: String,
+    /// Print only the token
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenRevokeArgs {
+    /// The token's id (the ID column of `token list`)
+    #[arg(value_name = "ID", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub id: String,
+}
+
+/// A path flag; empty means "not given" (so that `TRELLIS_CA_FILE=` in the
+/// environment turns TLS off instead of failing).
+fn parse_path(text: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(text))
+}
+
 /// Longest accepted `--timeout`.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Longest accepted `--validity` / `--ttl` (100 years).
+const MAX_LONG_DURATION: Duration = Duration::from_secs(36_500 * 24 * 3600);
 
 /// Parses a humane duration: one or more `<number><unit>` parts, where the
 /// number may have a fraction and the unit is `ns`, `us`, `µs`, `ms`, `s`,
 /// `m` or `h` (`5s`, `500ms`, `1.5s`, `1m30s`). Zero is rejected.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    parse_duration_up_to(text, MAX_TIMEOUT, false)
+}
+
+/// Like [`parse_duration`], with days (`d`) too and up to 100 years: for
+/// certificate validity and token TTLs (`365d`, `7d12h`, `90m`).
+pub fn parse_long_duration(text: &str) -> Result<Duration, String> {
+    parse_duration_up_to(text, MAX_LONG_DURATION, true)
+}
+
+fn parse_duration_up_to(text: &str, max: Duration, days: bool) -> Result<Duration, String> {
     let s = text.trim();
     if s.is_empty() {
         return Err("empty duration (try 5s or 500ms)".into());
@@ -427,15 +602,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => 1e9,
             "m" => 60e9,
             "h" => 3600e9,
+            "d" if days => 86_400e9,
             "" => {
                 return Err(format!(
                     "invalid duration {text:?}: missing unit (try {number}s or {number}ms)"
                 ))
             }
             other => {
+                let units = if days {
+                    "ms, s, m, h or d"
+                } else {
+                    "ms, s, m or h"
+                };
                 return Err(format!(
-                    "invalid duration {text:?}: unknown unit {other:?} (use ms, s, m or h)"
-                ))
+                    "invalid duration {text:?}: unknown unit {other:?} (use {units})"
+                ));
             }
         };
         total_nanos += value * unit_nanos;
@@ -448,30 +629,30 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "invalid duration {text:?}: must be greater than zero"
         ));
     }
-    if duration > MAX_TIMEOUT {
-        return Err(format!("invalid duration {text:?}: at most 24h"));
+    if duration > max {
+        let limit = if days { "36500d" } else { "24h" };
+        return Err(format!("invalid duration {text:?}: at most {limit}"));
     }
     Ok(duration)
 }
 
 /// Validates one `--endpoints` entry and returns it trimmed. Accepts
-/// `host:port` and `http://host:port` (no TLS).
+/// `host:port`, `http://host:port` and `https://host:port`; whether TLS is
+/// used is decided by `--ca-file` (an explicit scheme must agree with it,
+/// checked in `commands.rs`).
 pub fn parse_endpoint(text: &str) -> Result<String, String> {
     let s = text.trim();
     if s.is_empty() {
         return Err("empty endpoint (expected HOST:PORT)".into());
     }
-    if s.starts_with("https://") {
-        return Err(format!(
-            "{s:?}: TLS is not supported; use HOST:PORT or http://HOST:PORT"
-        ));
-    }
     let uri = crate::client::endpoint_uri(s);
     let parsed: tonic::transport::Uri = uri
         .parse()
         .map_err(|e| format!("{s:?} is not a valid HOST:PORT address: {e}"))?;
-    if parsed.scheme_str() != Some("http") {
-        return Err(format!("{s:?}: only http:// endpoints are supported"));
+    if !matches!(parsed.scheme_str(), Some("http" | "https")) {
+        return Err(format!(
+            "{s:?}: only http:// and https:// endpoints are supported"
+        ));
     }
     if parsed.host().is_none_or(str::is_empty) || parsed.port_u16().is_none() {
         return Err(format!(
@@ -514,18 +695,101 @@ mod tests {
     }
 
     #[test]
+    fn long_durations_parse() {
+        assert_eq!(
+            parse_long_duration("365d"),
+            Ok(Duration::from_secs(365 * 86_400))
+        );
+        assert_eq!(
+            parse_long_duration("1d12h"),
+            Ok(Duration::from_secs(36 * 3600))
+        );
+        assert_eq!(parse_long_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_long_duration("36501d").is_err());
+        assert!(parse_long_duration("0d").is_err());
+        assert!(parse_long_duration("5y").is_err());
+        assert!(parse_duration("2d").is_err());
+    }
+
+    #[test]
+    fn identity_commands_parse() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("trellisctl").chain(args.iter().copied()))
+        };
+        assert!(parse(&["cert", "create", "--ca-dir", "d", "--node", "1"]).is_ok());
+        assert!(parse(&[
+            "cert",
+            "create",
+            "--ca-dir",
+            "d",
+            "--node",
+            "1",
+            "--san",
+            "10.0.0.1,node-1",
+            "--san",
+            "::1"
+        ])
+        .is_ok());
+        assert!(parse(&[
+            "cert",
+            "create",
+            "--ca-dir",
+            "d",
+            "--admin",
+            "ops",
+            "--validity",
+            "30d"
+        ])
+        .is_ok());
+        assert!(parse(&["cert", "create", "--ca-dir", "d"]).is_err());
+        assert!(
+            parse(&["cert", "create", "--ca-dir", "d", "--node", "1", "--admin", "ops"]).is_err()
+        );
+        assert!(
+            parse(&["cert", "create", "--ca-dir", "d", "--admin", "ops", "--san", "x"]).is_err()
+        );
+        assert!(parse(&["cert", "create", "--ca-dir", "d", "--node", "0"]).is_err());
+        assert!(parse(&[
+            "ca",
+            "create",
+            "--out",
+            "d",
+            "--trust-domain",
+            "example.org",
+            "--force"
+        ])
+        .is_ok());
+        assert!(parse(&[
+            "token",
+            "create",
+            "-n",
+            "default",
+            "--service",
+            "reviews",
+            "--ttl",
+            "7d",
+            "-q"
+        ])
+        .is_ok());
+        assert!(parse(&["token", "create", "--service", "reviews"]).is_err());
+        assert!(parse(&["cluster", "init", "--ca-dir", "d"]).is_ok());
+        assert!(parse(&["--ca-file", "ca.pem", "proxy-status"]).is_ok());
+    }
+
+    #[test]
     fn endpoints_parse() {
         assert_eq!(
             parse_endpoint(" 127.0.0.1:7379 ").as_deref(),
             Ok("127.0.0.1:7379")
         );
         assert!(parse_endpoint("http://node-1:7379").is_ok());
+        assert!(parse_endpoint("https://node-1:7379").is_ok());
         assert!(parse_endpoint("[::1]:7379").is_ok());
         for bad in [
             "",
             "  ",
             "node-1",
-            "https://a:1",
+            "https://a",
             "a:b",
             "a:1/x",
             "ftp://a:1",

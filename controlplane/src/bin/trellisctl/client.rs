@@ -6,6 +6,11 @@
 //! on after a connect/transport error, `UNAVAILABLE` or `DEADLINE_EXCEEDED`;
 //! every other status is final. [`Client::call_at`] talks to one address
 //! (used to reach each member in turn).
+//!
+//! With `--ca-file` every channel is TLS (`https://`, see `tls.rs`);
+//! transport failures are then looked at more closely so that a TLS /
+//! plaintext mismatch or a rejected certificate says so
+//! ([`Failure::Tls`]) instead of "transport error".
 
 use std::collections::HashMap;
 use std::error::Error as _;
@@ -17,8 +22,10 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::error::{exit, exit_code, CliError};
+use crate::tls::{self, TlsFiles};
 
-/// The URI for an endpoint given as `host:port` or `http://host:port`.
+/// The URI for an endpoint given as `host:port`, `http://host:port` or
+/// `https://host:port` (a bare `host:port` gets `http://`; for parsing).
 pub fn endpoint_uri(addr: &str) -> String {
     let addr = addr.trim();
     if addr.contains("://") {
@@ -28,6 +35,16 @@ pub fn endpoint_uri(addr: &str) -> String {
     }
 }
 
+/// `host:port` of an endpoint, without a scheme or a trailing `/`.
+pub fn hostport(addr: &str) -> &str {
+    let addr = addr.trim();
+    let addr = addr
+        .strip_prefix("http://")
+        .or_else(|| addr.strip_prefix("https://"))
+        .unwrap_or(addr);
+    addr.trim_end_matches('/')
+}
+
 /// Why one attempt at one endpoint failed.
 #[derive(Debug)]
 pub enum Failure {
@@ -35,13 +52,18 @@ pub enum Failure {
     Connect(String),
     /// The call returned a gRPC status (possibly produced locally by tonic).
     Status(Status),
+    /// TLS trouble: a TLS/plaintext mismatch or a rejected certificate,
+    /// with the exit code (2: the flags do not match the server, 7: not
+    /// authorized) and a message that says what to change.
+    Tls { code: u8, message: String },
 }
 
 impl Failure {
     /// Whether trying another endpoint may help.
     pub fn retryable(&self) -> bool {
         match self {
-            Failure::Connect(_) => true,
+            // Another node may be set up right; nothing reached the server.
+            Failure::Connect(_) | Failure::Tls { .. } => true,
             Failure::Status(s) => match s.code() {
                 Code::Unavailable | Code::DeadlineExceeded => true,
                 // tonic reports a broken connection this way.
@@ -58,7 +80,8 @@ impl Failure {
     /// outcome unknown, so the write is not repeated.
     pub fn write_resendable(&self) -> bool {
         match self {
-            Failure::Connect(_) => true,
+            // A failed TLS session never carried a request to the service.
+            Failure::Connect(_) | Failure::Tls { .. } => true,
             Failure::Status(s) => s
                 .metadata()
                 .get("x-trellis-retry-safe")
@@ -69,7 +92,7 @@ impl Failure {
     /// The gRPC code, if the call got that far.
     pub fn code(&self) -> Option<Code> {
         match self {
-            Failure::Connect(_) => None,
+            Failure::Connect(_) | Failure::Tls { .. } => None,
             Failure::Status(s) => Some(s.code()),
         }
     }
@@ -77,6 +100,7 @@ impl Failure {
     pub fn exit_code(&self) -> u8 {
         match self {
             Failure::Connect(_) => exit::UNAVAILABLE,
+            Failure::Tls { code, .. } => *code,
             Failure::Status(_) if self.retryable() => exit::UNAVAILABLE,
             Failure::Status(s) => exit_code(s.code()),
         }
@@ -85,7 +109,7 @@ impl Failure {
     /// A one-line description: the gRPC message plus the causes tonic knows.
     pub fn message(&self) -> String {
         match self {
-            Failure::Connect(m) => m.clone(),
+            Failure::Connect(m) | Failure::Tls { message: m, .. } => m.clone(),
             Failure::Status(s) => {
                 let mut msg = s.message().to_string();
                 append_sources(&mut msg, s.source());
@@ -146,16 +170,26 @@ pub struct Answer<T> {
 pub struct Client {
     endpoints: Vec<String>,
     timeout: Duration,
+    /// `Some`: every channel is TLS with these files (`--ca-file`, ...).
+    tls: Option<TlsFiles>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl Client {
-    pub fn new(endpoints: Vec<String>, timeout: Duration) -> Self {
+    pub fn new(endpoints: Vec<String>, timeout: Duration, tls: Option<TlsFiles>) -> Self {
         Self {
             endpoints,
             timeout,
+            tls,
             channels: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The URI this client dials for `endpoint`: `https://` with TLS,
+    /// `http://` without.
+    pub fn uri(&self, endpoint: &str) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", hostport(endpoint))
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -164,6 +198,11 @@ impl Client {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Whether the channels are TLS (`--ca-file`).
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Calls `call` on the endpoints in order until one answers or fails
@@ -207,7 +246,7 @@ impl Client {
                         endpoint: endpoint.clone(),
                     })
                 }
-                Err(f) if try_next(&f) => last = Some((f, endpoint)),
+                Err(f) if try_next(&f) => keep_telling(&mut last, f, endpoint),
                 Err(f) => return Err(f.into_error(what, endpoint)),
             }
         }
@@ -236,12 +275,28 @@ impl Client {
         F: FnMut(Channel, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let channel = self.channel(endpoint).await?;
+        let (channel, fresh) = match self.channel(endpoint).await {
+            Ok(opened) => opened,
+            Err(f) => return Err(self.diagnose(f, endpoint).await),
+        };
         match tokio::time::timeout(self.timeout, call(channel, self.timeout)).await {
             Err(_) => Err(Failure::Status(self.deadline_status())),
+            // Only the first call on a new connection can fail because the
+            // two ends disagree on TLS; later ones are a node going away.
+            Ok(Err(status)) if fresh => {
+                let failure = Failure::Status(self.normalize(status));
+                Err(self.diagnose(failure, endpoint).await)
+            }
             Ok(Err(status)) => Err(Failure::Status(self.normalize(status))),
             Ok(Ok(response)) => Ok(response.into_inner()),
         }
+    }
+
+    /// A closer look at a transport failure (TLS mismatch, rejected
+    /// certificate; see `tls::diagnose`).
+    async fn diagnose(&self, failure: Failure, endpoint: &str) -> Failure {
+        let limit = self.timeout.min(PROBE_TIMEOUT);
+        tls::diagnose(failure, hostport(endpoint), self.tls.is_some(), limit).await
     }
 
     fn deadline_status(&self) -> Status {
@@ -261,15 +316,19 @@ impl Client {
         }
     }
 
-    async fn channel(&self, endpoint: &str) -> Result<Channel, Failure> {
-        let uri = endpoint_uri(endpoint);
+    /// The channel to `endpoint` and whether it was opened just now.
+    async fn channel(&self, endpoint: &str) -> Result<(Channel, bool), Failure> {
+        let uri = self.uri(endpoint);
         if let Some(channel) = self.lock().get(&uri) {
-            return Ok(channel.clone());
+            return Ok((channel.clone(), false));
         }
-        let ep = Endpoint::from_shared(uri.clone())
+        let mut ep = Endpoint::from_shared(uri.clone())
             .map_err(|e| Failure::Connect(format!("invalid endpoint address: {e}")))?
             .connect_timeout(self.timeout)
             .tcp_nodelay(true);
+        if let Some(files) = &self.tls {
+            ep = tls::configure(ep, files)?;
+        }
         let channel = match tokio::time::timeout(self.timeout, ep.connect()).await {
             Err(_) => {
                 return Err(Failure::Connect(format!(
@@ -285,13 +344,31 @@ impl Client {
             Ok(Ok(channel)) => channel,
         };
         self.lock().insert(uri, channel.clone());
-        Ok(channel)
+        Ok((channel, true))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
         self.channels
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Longest probe of an address after a transport failure (`tls::probe`).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Remembers the failure to report after every endpoint failed: the latest
+/// one, except that a TLS diagnosis (which says what to change) is not
+/// replaced by a mere connection failure of another endpoint.
+pub fn keep_telling<'a>(
+    last: &mut Option<(Failure, &'a str)>,
+    failure: Failure,
+    endpoint: &'a str,
+) {
+    let keep =
+        matches!(last, Some((Failure::Tls { .. }, _))) && matches!(failure, Failure::Connect(_));
+    if !keep {
+        *last = Some((failure, endpoint));
     }
 }
 
@@ -334,6 +411,23 @@ mod tests {
     }
 
     #[test]
+    fn tls_failures_are_kept_over_connect_failures() {
+        let mut last = None;
+        keep_telling(
+            &mut last,
+            Failure::Tls {
+                code: exit::NOT_AUTHORIZED,
+                message: "rejected".into(),
+            },
+            "a:1",
+        );
+        keep_telling(&mut last, Failure::Connect("refused".into()), "b:1");
+        assert!(matches!(last, Some((Failure::Tls { code: 7, .. }, "a:1"))));
+        keep_telling(&mut last, Failure::Status(Status::unavailable("x")), "c:1");
+        assert!(matches!(last, Some((Failure::Status(_), "c:1"))));
+    }
+
+    #[test]
     fn failure_exit_codes() {
         assert_eq!(Failure::Connect("x".into()).exit_code(), 5);
         assert_eq!(Failure::Status(Status::not_found("x")).exit_code(), 3);
@@ -345,6 +439,11 @@ mod tests {
         assert_eq!(
             Failure::Status(Status::unknown("Service was not ready: x")).exit_code(),
             5
+        );
+        assert_eq!(Failure::Status(Status::unauthenticated("x")).exit_code(), 7);
+        assert_eq!(
+            Failure::Status(Status::permission_denied("x")).exit_code(),
+            7
         );
     }
 
@@ -372,6 +471,20 @@ mod tests {
     #[test]
     fn uris_and_durations() {
         assert_eq!(endpoint_uri("a:1"), "http://a:1");
+        assert_eq!(hostport("https://a:1/"), "a:1");
+        assert_eq!(hostport(" http://a:1"), "a:1");
+        assert_eq!(hostport("[::1]:1"), "[::1]:1");
+        let plain = Client::new(vec![], Duration::from_secs(1), None);
+        assert_eq!(plain.uri("http://a:1"), "http://a:1");
+        let tls = Client::new(
+            vec![],
+            Duration::from_secs(1),
+            Some(TlsFiles {
+                ca_pem: String::new(),
+                identity: None,
+            }),
+        );
+        assert_eq!(tls.uri("a:1"), "https://a:1");
         assert_eq!(endpoint_uri("http://a:1"), "http://a:1");
         assert_eq!(fmt_duration(Duration::from_secs(5)), "5s");
         assert_eq!(fmt_duration(Duration::from_millis(500)), "500ms");

@@ -4,7 +4,7 @@
 //! `cluster status` and `cluster snapshot` learn the membership from any
 //! endpoint, then ask every member directly at its admin address;
 //! `cluster init` asks every `--endpoints` node for its identity, initializes
-//! the first and adds the others through it.
+//! the first and adds the others through it, then (`--ca-dir`) loads the CA.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -18,10 +18,11 @@ use trellis_proto::admin::{
     SnapshotResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
 };
 
-use crate::args::{LeaderTransferArgs, MemberAddArgs, MemberRemoveArgs};
-use crate::client::{endpoint_uri, with_deadline, Failure};
+use crate::args::{ClusterInitArgs, LeaderTransferArgs, MemberAddArgs, MemberRemoveArgs};
+use crate::client::{endpoint_uri, hostport, keep_telling, with_deadline, Failure};
 use crate::commands::Ctx;
 use crate::error::{exit, CliError};
+use crate::identity::{self, CaFiles};
 use crate::output::{human_bytes, member_json, note, print_json, print_line, write_stdout, Table};
 
 /// How often `cluster init` retries an `AddMember` that found no leader yet.
@@ -82,7 +83,7 @@ async fn targets(ctx: &Ctx, what: &str) -> Result<Vec<Target>, CliError> {
                     .collect());
             }
             Ok(_) => fresh_answered = true,
-            Err(f) if f.retryable() => last = Some((f, endpoint.as_str())),
+            Err(f) if f.retryable() => keep_telling(&mut last, f, endpoint),
             Err(f) => return Err(f.into_error(what, endpoint)),
         }
     }
@@ -365,11 +366,7 @@ fn concrete_addr(reported: &str, endpoint: &str) -> String {
         .parse::<tonic::transport::Uri>()
         .ok()
         .and_then(|u| u.host().map(str::to_string));
-    let endpoint_hostport = endpoint
-        .trim()
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let endpoint_hostport = hostport(endpoint).to_string();
     if reported.trim().is_empty() {
         return endpoint_hostport;
     }
@@ -379,8 +376,79 @@ fn concrete_addr(reported: &str, endpoint: &str) -> String {
     }
 }
 
-pub async fn init(ctx: &Ctx) -> Result<(), CliError> {
+/// What `cluster init` did before the CA step.
+struct Formed {
+    /// The node Initialize went to (or, already initialized, the first).
+    endpoint: String,
+    members: Vec<Member>,
+    leader_id: Option<u64>,
+    already_initialized: bool,
+}
+
+pub async fn init(ctx: &Ctx, args: ClusterInitArgs) -> Result<(), CliError> {
     let what = "cluster init";
+    // Check the CA files before changing anything.
+    let ca = identity::read_init_ca(args.ca_dir.as_ref())?;
+    let formed = form(ctx, what).await?;
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "already_initialized".into(),
+        json!(formed.already_initialized),
+    );
+    if let Some(files) = &ca {
+        let response = load_ca_after_init(ctx, what, &formed.endpoint, files).await?;
+        note(&format!("{what}: {}", identity::load_ca_summary(&response)));
+        extra.insert("trust_domain".into(), json!(response.trust_domain));
+        extra.insert("ca_loaded".into(), json!(response.loaded));
+    }
+    print_members(ctx, &formed.members, formed.leader_id, Value::Object(extra))
+}
+
+/// `LoadCa` right after the cluster formed: through the node that was
+/// initialized, retrying while it has no leader yet.
+async fn load_ca_after_init(
+    ctx: &Ctx,
+    what: &str,
+    endpoint: &str,
+    files: &CaFiles,
+) -> Result<trellis_proto::admin::LoadCaResponse, CliError> {
+    use trellis_proto::admin::identity_client::IdentityClient;
+    use trellis_proto::admin::LoadCaRequest;
+    let step = format!("{what}: loading the CA");
+    let request = LoadCaRequest {
+        cert_pem: files.cert_pem.clone(),
+        key_pem: files.key_pem.clone(),
+    };
+    if !ctx.client.tls() {
+        note(&format!(
+            "{what}: sending the CA key without TLS (no --ca-file); do this only on a \
+             trusted network"
+        ));
+    }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = ctx
+            .client
+            .call_at(endpoint, |channel, deadline| {
+                let request = with_deadline(request.clone(), deadline);
+                async move { IdentityClient::new(channel).load_ca(request).await }
+            })
+            .await;
+        match result {
+            Ok(response) => return Ok(response),
+            // LoadCa is idempotent (the same CA again changes nothing).
+            Err(f) if f.retryable() && attempt < ADD_MEMBER_ATTEMPTS => {
+                tokio::time::sleep(ADD_MEMBER_BACKOFF).await;
+            }
+            Err(f) => return Err(f.into_error(&step, endpoint)),
+        }
+    }
+}
+
+/// The steps of `cluster init` before the CA: Initialize the first node and
+/// add the others, or nothing if they already form one cluster.
+async fn form(ctx: &Ctx, what: &str) -> Result<Formed, CliError> {
     let endpoints = ctx.client.endpoints().to_vec();
     if endpoints.is_empty() {
         return Err(CliError::new(
@@ -438,12 +506,12 @@ pub async fn init(ctx: &Ctx) -> Result<(), CliError> {
         note(&format!(
             "{what}: the cluster is already initialized; nothing to do"
         ));
-        return print_members(
-            ctx,
-            &first.members,
-            Some(first.leader_id),
-            json!({ "already_initialized": true }),
-        );
+        return Ok(Formed {
+            endpoint: first_endpoint.clone(),
+            members: first.members.clone(),
+            leader_id: Some(first.leader_id),
+            already_initialized: true,
+        });
     }
     if !initialized.is_empty() {
         return Err(CliError::new(
@@ -531,7 +599,12 @@ pub async fn init(ctx: &Ctx) -> Result<(), CliError> {
             joiner.node_id, joiner.raft_addr, joiner.admin_addr
         ));
     }
-    print_members(ctx, &members, None, json!({ "already_initialized": false }))
+    Ok(Formed {
+        endpoint: first_endpoint.clone(),
+        members,
+        leader_id: None,
+        already_initialized: false,
+    })
 }
 
 fn describe_nodes(nodes: &[(String, StatusResponse)]) -> String {

@@ -5,16 +5,22 @@
 //! names a resource kind (`Kind::parse`: `Route`, `routes`, `rt`, ...) it is
 //! the resource form, otherwise the raw key form, exactly as before kinds
 //! existed. `kv ...` is always the raw form.
+//!
+//! `ca create` and `cert create` run offline, before any connection is set
+//! up (the TLS flags are checked for consistency but their files are not
+//! read).
 
 use trellis_resources::Kind;
 
 use crate::args::{
-    Cli, ClusterCommand, Command, DeleteArgs, DeleteCmdArgs, Format, GetArgs, GetCmdArgs,
-    KvCommand, LeaderCommand, LeaseCommand, MemberCommand, WatchArgs, WatchCmdArgs,
+    CaCommand, CertCommand, Cli, ClusterCommand, Command, DeleteArgs, DeleteCmdArgs, Format,
+    GetArgs, GetCmdArgs, KvCommand, LeaderCommand, LeaseCommand, MemberCommand, TokenCommand,
+    WatchArgs, WatchCmdArgs,
 };
-use crate::client::{endpoint_uri, Client};
+use crate::client::{hostport, Client};
 use crate::error::{exit, CliError};
-use crate::{cluster, kv, lease, resources, watch};
+use crate::tls::TlsFlags;
+use crate::{cluster, identity, kv, lease, proxy_status, resources, watch};
 
 /// What every command gets.
 pub struct Ctx {
@@ -33,18 +39,36 @@ const KINDS_HELP: &str = "service (svc), instance (inst), route (rt), \
 destinationpolicy (dp), quota, accesspolicy (ap)";
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let ctx = Ctx {
-        client: Client::new(dedup_endpoints(cli.endpoints), cli.timeout),
-        format: cli.output,
-    };
     let yaml_ok = matches!(&cli.command, Command::Get(a) if Kind::parse(&a.target).is_some());
-    if ctx.format == Format::Yaml && !yaml_ok {
+    if cli.output == Format::Yaml && !yaml_ok {
         return Err(CliError::new(
             exit::USAGE,
             "-o yaml is supported only by `get KIND [NAME]`; use -o json or -o table",
         ));
     }
-    match cli.command {
+    // An empty variable (TRELLIS_CA_FILE=) means "not set".
+    let given = |p: Option<std::path::PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+    let flags = TlsFlags {
+        ca_file: given(cli.ca_file),
+        cert_file: given(cli.cert_file),
+        key_file: given(cli.key_file),
+    };
+    flags.check()?;
+    let json = cli.output == Format::Json;
+    let command = match cli.command {
+        // Offline: files only.
+        Command::Ca(CaCommand::Create(args)) => return identity::ca_create(json, args),
+        Command::Cert(CertCommand::Create(args)) => return identity::cert_create(json, args),
+        command => command,
+    };
+    let tls = flags.load()?;
+    let endpoints = dedup_endpoints(cli.endpoints);
+    check_schemes(&endpoints, tls.is_some())?;
+    let ctx = Ctx {
+        client: Client::new(endpoints, cli.timeout, tls),
+        format: cli.output,
+    };
+    match command {
         Command::Apply(args) => resources::apply(&ctx, args).await,
         Command::Diff(args) => resources::diff(&ctx, args).await,
         Command::Get(args) => match Kind::parse(&args.target) {
@@ -102,7 +126,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             LeaseCommand::Revoke(args) => lease::revoke(&ctx, args).await,
             LeaseCommand::List => lease::list(&ctx).await,
         },
-        Command::Cluster(ClusterCommand::Init) => cluster::init(&ctx).await,
+        Command::Cluster(ClusterCommand::Init(args)) => cluster::init(&ctx, args).await,
         Command::Cluster(ClusterCommand::Status) => cluster::status(&ctx).await,
         Command::Cluster(ClusterCommand::Snapshot) => cluster::snapshot(&ctx).await,
         Command::Member(MemberCommand::List) => cluster::member_list(&ctx).await,
@@ -111,7 +135,42 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Leader(LeaderCommand::Transfer(args)) => {
             cluster::leader_transfer(&ctx, args).await
         }
+        Command::Ca(CaCommand::Create(args)) => identity::ca_create(json, args),
+        Command::Ca(CaCommand::Load(args)) => identity::ca_load(&ctx, args).await,
+        Command::Ca(CaCommand::Show) => identity::ca_show(&ctx).await,
+        Command::Cert(CertCommand::Create(args)) => identity::cert_create(json, args),
+        Command::Cert(CertCommand::List) => identity::cert_list(&ctx).await,
+        Command::Token(TokenCommand::Create(args)) => identity::token_create(&ctx, args).await,
+        Command::Token(TokenCommand::List) => identity::token_list(&ctx).await,
+        Command::Token(TokenCommand::Revoke(args)) => identity::token_revoke(&ctx, args).await,
+        Command::ProxyStatus => proxy_status::proxy_status(&ctx).await,
     }
+}
+
+/// An endpoint's explicit scheme must agree with the TLS flags.
+fn check_schemes(endpoints: &[String], tls: bool) -> Result<(), CliError> {
+    for endpoint in endpoints {
+        let e = endpoint.trim();
+        if tls && e.starts_with("http://") {
+            return Err(CliError::new(
+                exit::USAGE,
+                format!(
+                    "endpoint {e} is plaintext (http://) but --ca-file asks for TLS; use \
+                     HOST:PORT or https://HOST:PORT"
+                ),
+            ));
+        }
+        if !tls && e.starts_with("https://") {
+            return Err(CliError::new(
+                exit::USAGE,
+                format!(
+                    "endpoint {e} is TLS (https://): pass --ca-file (TRELLIS_CA_FILE), the \
+                     cluster CA, and for mutual TLS --cert-file/--key-file"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The usage error for resource-only flags on a raw key.
@@ -178,13 +237,13 @@ fn hint_not_a_kind(mut e: CliError, key: &str) -> CliError {
     e
 }
 
-/// Drops repeated endpoints (same address with or without `http://`),
+/// Drops repeated endpoints (same address with or without a scheme),
 /// keeping the first occurrence and the order.
 fn dedup_endpoints(endpoints: Vec<String>) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
     endpoints
         .into_iter()
-        .filter(|e| seen.insert(endpoint_uri(e)))
+        .filter(|e| seen.insert(hostport(e).to_string()))
         .collect()
 }
 
@@ -261,5 +320,24 @@ mod tests {
             "a:1".into(),
         ]);
         assert_eq!(got, vec!["b:1".to_string(), "a:1".to_string()]);
+    }
+
+    #[test]
+    fn schemes_must_match_the_tls_flags() {
+        let e = |s: &str| vec![s.to_string()];
+        assert!(check_schemes(&e("a:1"), true).is_ok());
+        assert!(check_schemes(&e("a:1"), false).is_ok());
+        assert!(check_schemes(&e("https://a:1"), true).is_ok());
+        assert!(check_schemes(&e("http://a:1"), false).is_ok());
+        assert_eq!(
+            check_schemes(&e("http://a:1"), true).err().map(|e| e.code),
+            Some(exit::USAGE)
+        );
+        assert_eq!(
+            check_schemes(&e("https://a:1"), false)
+                .err()
+                .map(|e| e.code),
+            Some(exit::USAGE)
+        );
     }
 }

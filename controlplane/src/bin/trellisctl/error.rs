@@ -17,8 +17,11 @@ pub mod exit {
     pub const CONFLICT: u8 = 4;
     /// No endpoint answered, no leader/quorum, deadline, transport errors.
     pub const UNAVAILABLE: u8 = 5;
-    /// `cluster status` reached some but not all members.
+    /// `cluster status` or `proxy-status` reached some but not all members.
     pub const DEGRADED: u8 = 6;
+    /// Not authorized: UNAUTHENTICATED, PERMISSION_DENIED, or a TLS
+    /// handshake that failed on a certificate (ours or the server's).
+    pub const NOT_AUTHORIZED: u8 = 7;
 }
 
 /// The exit code for a gRPC status code (`Code::Ok` gives 0).
@@ -29,6 +32,7 @@ pub fn exit_code(code: Code) -> u8 {
         Code::NotFound => exit::NOT_FOUND,
         Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => exit::CONFLICT,
         Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
+        Code::Unauthenticated | Code::PermissionDenied => exit::NOT_AUTHORIZED,
         _ => exit::OTHER,
     }
 }
@@ -81,7 +85,6 @@ mod tests {
             (Code::Unknown, 1),
             (Code::Cancelled, 1),
             (Code::Unimplemented, 1),
-            (Code::PermissionDenied, 1),
             (Code::InvalidArgument, 2),
             (Code::OutOfRange, 2),
             (Code::NotFound, 3),
@@ -90,6 +93,8 @@ mod tests {
             (Code::Aborted, 4),
             (Code::Unavailable, 5),
             (Code::DeadlineExceeded, 5),
+            (Code::Unauthenticated, 7),
+            (Code::PermissionDenied, 7),
         ];
         for (code, want) in cases {
             assert_eq!(exit_code(code), want, "{code:?}");

@@ -107,6 +107,38 @@ pub fn human_bytes(n: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// Unix milliseconds as RFC 3339 UTC with second precision
+/// (`2026-01-02T03:04:05Z`); `-` for 0 (unset).
+pub fn rfc3339_ms(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "-".into();
+    }
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a (year, month, day) of the proleptic Gregorian
+/// calendar (Howard Hinnant's `civil_from_days`, for non-negative days).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
 /// One table row.
 enum Row {
     Cells(Vec<String>),
@@ -296,6 +328,16 @@ ID  ADDRESS         ROLE
         t.row(vec!["abc".into(), "x".into()]);
         assert_eq!(t.render(), "KEY  VALUE\né\nabc  x\n");
         assert_eq!(Table::new(&["A"]).render(), "A\n");
+    }
+
+    #[test]
+    fn rfc3339_timestamps() {
+        assert_eq!(rfc3339_ms(0), "-");
+        assert_eq!(rfc3339_ms(1), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_ms(1_700_000_000_999), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339_ms(4_102_444_799_000), "2099-12-31T23:59:59Z");
+        assert_eq!(rfc3339_ms(1_709_251_199_000), "2024-02-29T23:59:59Z");
     }
 
     #[test]

@@ -185,6 +185,10 @@ fn reconnectable(f: &Failure) -> bool {
 fn clone_failure(f: &Failure) -> Failure {
     match f {
         Failure::Connect(m) => Failure::Connect(m.clone()),
+        Failure::Tls { code, message } => Failure::Tls {
+            code: *code,
+            message: message.clone(),
+        },
         Failure::Status(s) => Failure::Status(tonic::Status::new(s.code(), f.message())),
     }
 }
