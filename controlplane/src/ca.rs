@@ -118,6 +118,11 @@ pub fn ca(node: &Node) -> Result<Arc<Ca>, ApiError> {
 /// The CA certificate and trust domain (never the key).
 pub async fn get_ca(node: &Node) -> Result<(String, String), ApiError> {
     node.linearize().await?;
+    if current_ca_record(node)?.is_none() {
+        return Err(ApiError::ResourceNotFound {
+            what: "the cluster CA (load one with `trellisctl ca load --ca-dir DIR`)".into(),
+        });
+    }
     let ca = ca(node)?;
     Ok((ca.cert_pem().to_string(), ca.trust_domain().to_string()))
 }

@@ -53,8 +53,12 @@ const RESUBSCRIBE_BACKOFF: Duration = Duration::from_millis(100);
 /// takes about one peer round trip plus a log flush, so rank 0 retries
 /// after 25 ms, rank 1 after 50 ms, and so on.
 const ELECTION_RETRY_STEP: Duration = Duration::from_millis(25);
-/// Extra election attempts per detected crash, after the first.
-const ELECTION_RETRIES: u32 = 3;
+/// Extra election attempts per detected crash, after the first: with the
+/// growing, jittered spacing below they span ~1.8 s for rank 1, so two
+/// survivors that keep colliding in the same term (seen, rarely, under a
+/// loaded test machine) get many chances to come apart before the
+/// election timeout takes over.
+const ELECTION_RETRIES: u32 = 8;
 
 /// Who this node follows, as read from Raft metrics.
 #[derive(Debug, Clone, PartialEq)]
@@ -250,7 +254,8 @@ async fn elect(raft: &Raft, f: &Following) {
         return;
     }
     for attempt in 1..=ELECTION_RETRIES {
-        tokio::time::sleep(ELECTION_RETRY_STEP * (f.rank + 1) * attempt).await;
+        let jitter = ELECTION_RETRY_STEP.mul_f64(rand::random::<f64>());
+        tokio::time::sleep(ELECTION_RETRY_STEP * (f.rank + 1) * attempt + jitter).await;
         let leader = raft.metrics().borrow().current_leader;
         if leader.is_some_and(|l| l != f.leader) {
             return;

@@ -930,8 +930,9 @@ async fn spawn_node(
     let raft = parse("raft", &ready.raft_addr)?;
     let admin = parse("admin", &ready.admin_addr)?;
     let quic = match &ready.quic_addr {
-        Some(q) => parse("quic", q)?,
-        None => quic,
+        Some(q) if !q.is_empty() => parse("quic", q)?,
+        // Empty: --insecure-dev serves no QUIC endpoint.
+        _ => quic,
     };
     if let Some(pid) = child.id() {
         pids.write()

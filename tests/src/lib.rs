@@ -34,6 +34,7 @@
 //! polling status APIs at a short interval under an overall deadline.
 
 pub mod quic;
+pub mod sidecar;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -14,11 +15,30 @@ use trellis_proto::sidecar as sc;
 /// A client endpoint on loopback trusting `ca_pem`, presenting `cert`
 /// (PEM cert, PEM key) if given.
 pub fn client_endpoint(ca_pem: &str, cert: Option<(&str, &str)>) -> Result<Endpoint> {
+    client_endpoint_with(ca_pem, cert, None)
+}
+
+/// Like [`client_endpoint`]; with `liveness = Some((idle_timeout,
+/// keep_alive))` connections to a vanished node end after `idle_timeout`
+/// (a killed process sends no CONNECTION_CLOSE).
+pub fn client_endpoint_with(
+    ca_pem: &str,
+    cert: Option<(&str, &str)>,
+    liveness: Option<(Duration, Duration)>,
+) -> Result<Endpoint> {
     let tls = trellis_identity::client_config(ca_pem, cert, &[trellis_identity::ALPN_SIDECAR])?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("QUIC client TLS: {e}"))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    if let Some((idle, keep_alive)) = liveness {
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(idle.try_into().context("idle timeout")?))
+            .keep_alive_interval(Some(keep_alive));
+        config.transport_config(Arc::new(transport));
+    }
     let mut endpoint = Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
         .context("binding a QUIC client endpoint")?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
 

@@ -14,8 +14,14 @@
 //!   polling every node's Status each second; reports leader/term changes
 //!   (the target is zero; the exit code is 1 otherwise).
 //!
+//! - `watchers`: one process opens 1,000 QUIC watch sessions over the three
+//!   nodes, times each put's arrival at all of them and the reconnect storm
+//!   after a node is killed (see `watchers.rs`).
+//!
 //! Progress goes to stderr, results to stdout. `trellisd` must be built in
 //! the same profile (`cargo build --release --bins`); etcd comes from PATH.
+
+mod watchers;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -53,6 +59,9 @@ enum Cmd {
     Failover(FailoverArgs),
     /// Long steady load against Trellis; counts leader/term changes.
     Soak(SoakArgs),
+    /// Fan-out of committed puts to 1,000 QUIC watch sessions, and the
+    /// reconnect storm after a node is killed.
+    Watchers(watchers::WatchersArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +197,7 @@ fn main() -> Result<()> {
             Cmd::Kv(a) => kv_bench(a).await,
             Cmd::Failover(a) => failover_bench(a).await,
             Cmd::Soak(a) => soak(a).await,
+            Cmd::Watchers(a) => watchers::watchers_bench(a).await,
         }
     })
 }

@@ -1,0 +1,215 @@
+//! `trellis-sidecar` processes for end-to-end tests: spawn one against a
+//! TLS [`crate::Cluster`], find its admin address (the sidecar writes it to
+//! `<data dir>/admin.addr` once it listens), read its admin endpoints, kill
+//! and restart it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+/// How long a sidecar may take to bind its admin listener.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Poll interval for files and admin state under a deadline.
+const POLL: Duration = Duration::from_millis(20);
+
+/// One sidecar process (or a stopped one that can be started again).
+pub struct SidecarProc {
+    bin: PathBuf,
+    args: Vec<String>,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+    admin: Option<SocketAddr>,
+}
+
+impl SidecarProc {
+    /// Start `trellis-sidecar run` with `args` (plus `--data-dir` and an
+    /// ephemeral admin port); returns once the admin endpoint listens.
+    pub async fn spawn(data_dir: PathBuf, log_path: PathBuf, args: Vec<String>) -> Result<Self> {
+        let mut p = Self {
+            bin: crate::bin_path("trellis-sidecar")?,
+            args,
+            data_dir,
+            log_path,
+            child: None,
+            admin: None,
+        };
+        p.start().await?;
+        Ok(p)
+    }
+
+    /// Start (again) with the same arguments and data dir.
+    pub async fn start(&mut self) -> Result<()> {
+        std::fs::create_dir_all(&self.data_dir)?;
+        let addr_file = self.data_dir.join("admin.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("opening {}", self.log_path.display()))?;
+        let mut child = Command::new(&self.bin)
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--admin-addr")
+            .arg("127.0.0.1:0")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let admin = loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                if let Ok(a) = text.trim().parse::<SocketAddr>() {
+                    break a;
+                }
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "sidecar exited with {status} before listening\n{}",
+                    crate::log_tail(&self.log_path, 30)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "sidecar did not listen within {START_TIMEOUT:?}\n{}",
+                    crate::log_tail(&self.log_path, 30)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        self.child = Some(child);
+        self.admin = Some(admin);
+        Ok(())
+    }
+
+    /// SIGKILL the process.
+    pub async fn kill(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, and wait (up to `grace`) for it to exit.
+    pub async fn stop(&mut self, grace: Duration) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status()
+                    .await;
+            }
+            if tokio::time::timeout(grace, c.wait()).await.is_err() {
+                c.kill().await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn log_tail(&self) -> String {
+        crate::log_tail(&self.log_path, 40)
+    }
+
+    /// GET `path` on the admin endpoint: (status code, body).
+    pub async fn get(&self, path: &str) -> Result<(u16, String)> {
+        let addr = self.admin.context("sidecar not started")?;
+        http_get(addr, path).await
+    }
+
+    /// GET `path` and parse the body as JSON (status must be 200).
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        let (code, body) = self.get(path).await?;
+        if code != 200 {
+            bail!("GET {path}: {code} {body}");
+        }
+        serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
+    }
+
+    /// Poll `/config_dump` until `check` holds (or `timeout`); returns the
+    /// dump that satisfied it.
+    pub async fn wait_dump(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut check: impl FnMut(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            match self.get_json("/config_dump").await {
+                Ok(d) if check(&d) => return Ok(d),
+                Ok(d) => last = Some(d),
+                Err(_) => {}
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "sidecar: {what} not reached within {timeout:?}; last dump: {}\n{}",
+                    last.map_or("none".into(), |d| d.to_string()),
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (the admin endpoint is plain HTTP on loopback).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .context("connect timeout")??;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .context("read timeout")??;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status code")?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
