@@ -483,3 +483,41 @@ async fn admin_api_requires_a_cluster_certificate_of_the_right_kind() -> Result<
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_watcher_holds_up_neither_writes_nor_other_watchers() -> Result<()> {
+    let c = tls_cluster().await?;
+    let ca = ca_pem(&c)?;
+    let tok = token(&c, 1, "default", "web").await?;
+    let anon = client_endpoint(&ca, None)?;
+    let (resp, key) = join(&connect(&anon, c.quic_addr(1)).await?, &tok, "", "").await?;
+    let cert = issued(resp)?;
+    let ep = client_endpoint(&ca, Some((&cert.cert_pem, &key)))?;
+
+    // A watcher that never reads, on the same node as a healthy one.
+    let stuck_conn = connect(&ep, c.quic_addr(2)).await?;
+    let (_stuck_send, _stuck_recv) = quic::watch(&stuck_conn, "/big/", Some(0)).await?;
+    let conn = connect(&ep, c.quic_addr(2)).await?;
+    let (_s, mut r) = quic::watch(&conn, "/big/", Some(0)).await?;
+
+    // 40 × 256 KiB: far more than QUIC's flow-control windows, so the
+    // stuck watcher's stream is blocked long before the end.
+    let value = "x".repeat(256 * 1024);
+    let mut revs = Vec::new();
+    for i in 0..40 {
+        let rev = tokio::time::timeout(STEP, put(&c, 1, &format!("/big/{i}"), &value))
+            .await
+            .context("a put was held up")??;
+        revs.push(rev);
+    }
+    let mut got = Vec::new();
+    while got.len() < revs.len() {
+        match next_watch(&mut r).await? {
+            sc::watch_message::Kind::Delta(d) => got.push(d.revision),
+            sc::watch_message::Kind::Progress(_) => {}
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    ensure!(got == revs, "{got:?} vs {revs:?}");
+    Ok(())
+}
