@@ -86,11 +86,9 @@ async fn run(
     loop {
         let current = *applied.borrow_and_update();
         while next <= current {
-            let page = match store.events_since(next - 1, prefix, HISTORY_BATCH) {
-                Ok(page) => page,
-                Err(StoreError::Compacted {
-                    compact_revision, ..
-                }) => {
+            let page = match read_history(&**store, next, prefix)? {
+                History::Page(page) => page,
+                History::Compacted(compact_revision) => {
                     let resp = pb::WatchResponse {
                         header: Some(node.header(store.revision())),
                         compacted: true,
@@ -100,28 +98,9 @@ async fn run(
                     let _ = send(tx, resp).await;
                     return Ok(());
                 }
-                Err(e) => return Err(ApiError::internal("watch history", e).into()),
+                History::Retry => continue,
             };
-            if page.scanned_to < next {
-                // History ended before `current`: it was replaced (snapshot
-                // install) under us. Treat as compaction on the next round.
-                if store.compact_revision() < next {
-                    return Err(ApiError::internal(
-                        "watch history",
-                        format!("history has a gap after revision {}", next - 1),
-                    )
-                    .into());
-                }
-                continue;
-            }
-            for mut rev in page.revisions {
-                if crate::system::prefix_reaches_reserved(prefix) {
-                    rev.events
-                        .retain(|e| !crate::system::is_reserved(&e.kv.key));
-                    if rev.events.is_empty() {
-                        continue;
-                    }
-                }
+            for rev in page.revisions {
                 let resp = pb::WatchResponse {
                     header: Some(node.header(rev.revision)),
                     events: rev
@@ -155,6 +134,51 @@ async fn run(
             }
         }
     }
+}
+
+/// What the change feed holds from a revision on, for one watcher.
+pub(crate) enum History {
+    /// Revisions from `next` on (reserved keys left out; revisions left
+    /// with no events dropped); `scanned_to` says how far it looked.
+    Page(trellis_raft_store::HistoryPage),
+    /// History at `next` is gone; it now starts after this revision.
+    Compacted(u64),
+    /// The history was replaced under the reader (snapshot install): read
+    /// again, which reports the compaction.
+    Retry,
+}
+
+/// Read the change feed from revision `next` for keys under `prefix` (the
+/// shared step of admin and sidecar watches).
+pub(crate) fn read_history(
+    store: &dyn trellis_raft_store::RevisionedStore,
+    next: u64,
+    prefix: &str,
+) -> Result<History, ApiError> {
+    let mut page = match store.events_since(next - 1, prefix, HISTORY_BATCH) {
+        Ok(page) => page,
+        Err(StoreError::Compacted {
+            compact_revision, ..
+        }) => return Ok(History::Compacted(compact_revision)),
+        Err(e) => return Err(ApiError::internal("watch history", e)),
+    };
+    if page.scanned_to < next {
+        if store.compact_revision() < next {
+            return Err(ApiError::internal(
+                "watch history",
+                format!("history has a gap after revision {}", next - 1),
+            ));
+        }
+        return Ok(History::Retry);
+    }
+    if crate::system::prefix_reaches_reserved(prefix) {
+        for rev in &mut page.revisions {
+            rev.events
+                .retain(|e| !crate::system::is_reserved(&e.kv.key));
+        }
+        page.revisions.retain(|r| !r.events.is_empty());
+    }
+    Ok(History::Page(page))
 }
 
 async fn sleep_or_forever(d: Option<Duration>) {

@@ -26,14 +26,13 @@ use std::time::Duration;
 use quinn::SendStream;
 use trellis_proto::frame::{write_frame, SNAPSHOT_CHUNK_BYTES};
 use trellis_proto::sidecar as sc;
-use trellis_raft_store::{EventKind, KeyValue, StoreError};
+use trellis_raft_store::{EventKind, KeyValue};
 
+use crate::api::watch::{read_history, History};
 use crate::error::ApiError;
 use crate::node::Node;
 use crate::system;
 
-/// Revisions read from history per batch.
-const HISTORY_BATCH: usize = 256;
 /// A sidecar that has not taken one frame in this long is told to resync.
 pub const STUCK_WATCHER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bounds a sidecar's progress interval from below: progress is a liveness
@@ -114,11 +113,9 @@ pub async fn serve(
     loop {
         let current = *applied.borrow_and_update();
         while next <= current {
-            let page = match store.events_since(next - 1, &prefix, HISTORY_BATCH) {
-                Ok(page) => page,
-                Err(StoreError::Compacted {
-                    compact_revision, ..
-                }) => {
+            let page = match read_history(&**store, next, &prefix)? {
+                History::Page(page) => page,
+                History::Compacted(compact_revision) => {
                     out.send(sc::watch_message::Kind::Compacted(sc::Compacted {
                         compact_revision,
                     }))
@@ -128,27 +125,9 @@ pub async fn serve(
                     told = rev;
                     continue;
                 }
-                Err(e) => return Err(ApiError::internal("watch history", e).into()),
+                History::Retry => continue,
             };
-            if page.scanned_to < next {
-                // The history was replaced under us (snapshot install); the
-                // next read reports the compaction.
-                if store.compact_revision() < next {
-                    return Err(ApiError::internal(
-                        "watch history",
-                        format!("history has a gap after revision {}", next - 1),
-                    )
-                    .into());
-                }
-                continue;
-            }
-            for mut rev in page.revisions {
-                if system::prefix_reaches_reserved(&prefix) {
-                    rev.events.retain(|e| !system::is_reserved(&e.kv.key));
-                    if rev.events.is_empty() {
-                        continue;
-                    }
-                }
+            for rev in page.revisions {
                 let delta = sc::Delta {
                     revision: rev.revision,
                     events: rev
