@@ -603,3 +603,106 @@ async fn expired_and_revoked_tokens_and_foreign_certificates_are_refused() -> Re
     );
     Ok(())
 }
+
+/// Join as `ns/default/svc/<svc>` and return a connection with the cert.
+async fn joined(c: &Cluster, ca: &str, svc: &str, node: u64) -> Result<quinn::Connection> {
+    let tok = token(c, 1, "default", svc).await?;
+    let anon = client_endpoint(ca, None)?;
+    let (resp, key) = join(&connect(&anon, c.quic_addr(node)).await?, &tok, "", "").await?;
+    let cert = issued(resp)?;
+    let ep = client_endpoint(ca, Some((&cert.cert_pem, &key)))?;
+    connect(&ep, c.quic_addr(node)).await
+}
+
+async fn open_session(
+    conn: &quinn::Connection,
+    name: &str,
+    resume_lease_id: u64,
+) -> Result<sc::session_message::Kind> {
+    let (_s, mut r) = quic::open(
+        conn,
+        sc::open::Kind::Session(sc::SessionRequest {
+            instance: Some(sc::InstanceRegistration {
+                name: name.into(),
+                address: "127.0.0.1".into(),
+                port: 9080,
+                labels: Default::default(),
+                weight: 0,
+            }),
+            ttl_ms: 5_000,
+            resume_lease_id,
+            applied_revision: 0,
+            sidecar_name: name.into(),
+        }),
+    )
+    .await?;
+    quic::next::<sc::SessionMessage>(&mut r)
+        .await?
+        .and_then(|m| m.kind)
+        .context("no session answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_cannot_take_another_services_instance_or_lease() -> Result<()> {
+    let c = tls_cluster().await?;
+    let ca = ca_pem(&c)?;
+    let reviews = joined(&c, &ca, "reviews", 1).await?;
+    let theirs = match open_session(&reviews, "reviews-1", 0).await? {
+        sc::session_message::Kind::Accepted(a) => a,
+        other => bail!("reviews could not register: {other:?}"),
+    };
+
+    let web = joined(&c, &ca, "web", 2).await?;
+    // The same instance name, from another service: refused.
+    match open_session(&web, "reviews-1", 0).await? {
+        sc::session_message::Kind::Error(e) => ensure!(
+            e.code() == sc::error::Code::PermissionDenied && e.message.contains("another service"),
+            "{e:?}"
+        ),
+        other => bail!("web took reviews' instance: {other:?}"),
+    }
+    // Resuming reviews' lease (its id is visible to every watcher): web
+    // gets a lease of its own instead.
+    let mine = match open_session(&web, "web-1", theirs.lease_id).await? {
+        sc::session_message::Kind::Accepted(a) => a,
+        other => bail!("web could not register: {other:?}"),
+    };
+    ensure!(
+        mine.lease_id != theirs.lease_id,
+        "web resumed reviews' lease {}",
+        theirs.lease_id
+    );
+    let kv = c
+        .kv(3)
+        .get(GetRequest {
+            key: theirs.instance_key.clone(),
+            serializable: false,
+        })
+        .await?
+        .into_inner()
+        .kv
+        .context("reviews' instance")?;
+    ensure!(
+        kv.lease == theirs.lease_id,
+        "reviews' instance moved to lease {}",
+        kv.lease
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_resume_revision_is_refused_and_the_node_keeps_serving() -> Result<()> {
+    let c = tls_cluster().await?;
+    let ca = ca_pem(&c)?;
+    let conn = joined(&c, &ca, "web", 2).await?;
+    for after in [u64::MAX, u64::MAX - 1, 1 << 63] {
+        let (_s, mut r) = quic::watch(&conn, "/", Some(after)).await?;
+        let kind = next_watch(&mut r).await?;
+        let e = error_of(&kind).with_context(|| format!("after {after}: {kind:?}"))?;
+        ensure!(e.code() == sc::error::Code::InvalidArgument, "{e:?}");
+    }
+    // Node 2 still answers (a wrapped revision used to spin its only thread).
+    let rev = put(&c, 2, "/still/alive", "1").await?;
+    ensure!(rev > 0);
+    Ok(())
+}

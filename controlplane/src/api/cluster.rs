@@ -311,6 +311,7 @@ impl Cluster for ClusterService {
                     let mut req = Request::new(pb::LocalSidecarsRequest {});
                     req.set_timeout(node.request_timeout);
                     InternalClient::new(channel)
+                        .max_decoding_message_size(crate::node::MAX_ADMIN_MESSAGE_BYTES)
                         .local_sidecars(req)
                         .await
                         .map(|r| r.into_inner().sidecars)

@@ -35,6 +35,10 @@ use crate::node::Node;
 pub const WATCH_BUFFER: usize = 64;
 /// Revisions read from history per batch.
 const HISTORY_BATCH: usize = 256;
+/// The largest start revision a watch accepts. No cluster gets near 2^62
+/// revisions; the bound keeps `revision + 1` arithmetic far from overflow
+/// whatever a client sends (a wrapped revision would spin a watch loop).
+pub const MAX_WATCH_REVISION: u64 = 1 << 62;
 
 /// Start a watch task; returns the response stream.
 pub fn spawn(
@@ -46,6 +50,14 @@ pub fn spawn(
         .then(|| Duration::from_millis(req.progress_interval_ms as u64));
     tokio::spawn(async move {
         let prefix = req.prefix;
+        if req.start_revision > MAX_WATCH_REVISION {
+            let err = ApiError::invalid(
+                "start_revision",
+                format!("{} is beyond any revision", req.start_revision),
+            );
+            let _ = tx.send(Err(err.into())).await;
+            return;
+        }
         if let Err(status) = run(&node, &prefix, req.start_revision, progress, &tx).await {
             let _ = tx.send(Err(status)).await;
         }
@@ -86,6 +98,9 @@ async fn run(
     loop {
         let current = *applied.borrow_and_update();
         while next <= current {
+            // The node runs on one thread: let Raft and other requests in
+            // between pages of a long catch-up.
+            tokio::task::yield_now().await;
             let page = match read_history(&**store, next, prefix)? {
                 History::Page(page) => page,
                 History::Compacted(compact_revision) => {

@@ -4,7 +4,8 @@
 //! [`spawn`] binds the endpoint on `quic_addr` and runs one task per
 //! connection ([`serve_connection`]) and one per stream. The handshake
 //! verifies a client certificate against the cluster CA when one is
-//! presented; a connection without one may only `join` (token + CSR), and
+//! presented (only workload identities, `ns/<ns>/svc/<svc>`, are served;
+//! node and admin certificates are turned away); a connection without one may only `join` (token + CSR), and
 //! is refused everything else with UNAUTHENTICATED. Each stream's first
 //! frame (`Open`) picks its handler:
 //!
@@ -32,7 +33,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch as tokio_watch;
 use tokio::task::JoinHandle;
-use trellis_identity::CertInfo;
+use trellis_identity::{CertInfo, Identity};
 use trellis_proto::frame::{read_frame, write_frame};
 use trellis_proto::sidecar as sc;
 
@@ -122,7 +123,17 @@ fn peer(conn: &Connection) -> Option<Result<CertInfo, String>> {
 async fn serve_connection(node: Arc<Node>, conn: Connection) {
     let identity = match peer(&conn) {
         None => None,
-        Some(Ok(info)) => Some(Arc::new(info)),
+        Some(Ok(info)) if matches!(info.identity, Identity::Workload { .. }) => {
+            Some(Arc::new(info))
+        }
+        Some(Ok(info)) => {
+            tracing::info!(identity = %info.identity, "non-workload certificate on the sidecar port");
+            conn.close(
+                2u32.into(),
+                b"the sidecar endpoint takes workload certificates only",
+            );
+            return;
+        }
         Some(Err(e)) => {
             tracing::info!(error = %e, "client certificate without a usable identity");
             conn.close(1u32.into(), b"client certificate has no Trellis identity");
@@ -156,8 +167,21 @@ async fn serve_connection(node: Arc<Node>, conn: Connection) {
     drop(registration);
 }
 
-/// The answer frame for an error on each kind of stream.
+/// How long an error frame may take to be taken by the sidecar.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The answer frame for an error on each kind of stream (given up after
+/// [`REFUSE_TIMEOUT`]: a sidecar that does not read gets a reset).
 async fn refuse(send: &mut SendStream, open: &Option<sc::open::Kind>, err: &ApiError) {
+    if tokio::time::timeout(REFUSE_TIMEOUT, refuse_frame(send, open, err))
+        .await
+        .is_err()
+    {
+        let _ = send.reset(0u32.into());
+    }
+}
+
+async fn refuse_frame(send: &mut SendStream, open: &Option<sc::open::Kind>, err: &ApiError) {
     let error = err.to_sidecar();
     let result = match open {
         Some(sc::open::Kind::Join(_)) | Some(sc::open::Kind::Renew(_)) => {
@@ -286,11 +310,14 @@ async fn serve_stream(
                     .update(conn_id, |e| e.watches = e.watches.saturating_sub(1));
                 match end {
                     Err(watch::WatchEnd::Api(e)) => Err(e),
-                    Err(watch::WatchEnd::Stuck) => Err(ApiError::NoLeader(format!(
-                        "{}: watcher did not read for {:?}; resume from the last applied revision",
-                        who.spiffe_id,
-                        watch::STUCK_WATCHER_TIMEOUT
-                    ))),
+                    Err(watch::WatchEnd::Stuck) => {
+                        tracing::info!(
+                            spiffe_id = %who.spiffe_id,
+                            "watch reset: the sidecar did not read for {:?}",
+                            watch::STUCK_WATCHER_TIMEOUT
+                        );
+                        Ok(())
+                    }
                     Err(watch::WatchEnd::Gone) | Ok(()) => Ok(()),
                 }
             }

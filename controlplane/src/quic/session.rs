@@ -6,7 +6,8 @@
 //! service — namespace and service come from the verified certificate,
 //! never from the request — attached to a lease. A sidecar that failed
 //! over from another node resumes its lease (`resume_lease_id`), so the
-//! registry does not churn. Each `SessionUpdate` keeps the lease alive
+//! registry does not churn — but only a lease that holds nothing except its
+//! own instance, and never an instance key another service registered. Each `SessionUpdate` keeps the lease alive
 //! (through the leader's lease keeper, like `Lease.KeepAlive`) and records
 //! the applied revision for proxy-status. `goodbye` revokes the lease,
 //! which deregisters the instance at once; a dropped connection leaves the
@@ -20,7 +21,7 @@ use trellis_proto::admin as pb;
 use trellis_proto::admin::lease_server::Lease as _;
 use trellis_proto::frame::{read_frame, write_frame};
 use trellis_proto::sidecar as sc;
-use trellis_raft_store::{Command, Outcome};
+use trellis_raft_store::{Command, Compare, CompareOp, CompareTarget, Outcome, TxnOp};
 use trellis_resources::{InstanceSpec, Metadata, Resource, Spec};
 
 use super::registry::SidecarRegistry;
@@ -29,6 +30,9 @@ use crate::error::ApiError;
 use crate::node::Node;
 use crate::system::now_unix_ms;
 
+/// Longest registration lease a sidecar may ask for: a dead sidecar's
+/// instance must not linger in every balancer for long.
+pub const MAX_SIDECAR_LEASE_TTL_MS: u64 = 5 * 60 * 1000;
 /// Largest session frame accepted (registrations and updates are small).
 const MAX_SESSION_FRAME: usize = 64 * 1024;
 
@@ -100,7 +104,20 @@ async fn grant(node: &Arc<Node>, ttl_ms: u64) -> Result<u64, ApiError> {
         .map_err(ApiError::Remote)
 }
 
+/// The service an Instance value registers (`None` if it does not parse).
+fn instance_service(value: &[u8]) -> Option<String> {
+    match Resource::from_json(value).ok()?.spec {
+        Spec::Instance(i) => Some(i.service),
+        _ => None,
+    }
+}
+
 /// Register (or re-register) the instance; returns (lease, key).
+///
+/// A sidecar may resume only a lease that holds nothing but its own
+/// instance key, and may take over an instance key only if it is free or
+/// registers the same service — lease ids and instance names are visible to
+/// every watcher, so neither may be trusted from the request alone.
 async fn register(
     node: &Arc<Node>,
     namespace: &str,
@@ -111,12 +128,28 @@ async fn register(
     let resource = instance_resource(namespace, service, reg)?;
     let key = resource.key();
     let value = resource.to_json();
-    let ttl_ms = if req.ttl_ms == 0 {
-        node.config.sidecars.lease_ttl_ms
-    } else {
-        req.ttl_ms
+    let ttl_ms = session_ttl(node, req.ttl_ms);
+    node.linearize().await?;
+    let current = node
+        .store
+        .get(&key)
+        .map_err(|e| ApiError::internal("store get", e))?;
+    if let Some(kv) = &current {
+        if instance_service(&kv.value).as_deref() != Some(service) {
+            return Err(ApiError::PermissionDenied(format!(
+                "instance {namespace}/{} is registered by another service; pick another instance name",
+                reg.name
+            )));
+        }
+    }
+    let owned = |id: u64| -> Result<bool, ApiError> {
+        let held = node
+            .store
+            .lease(id)
+            .map_err(|e| ApiError::internal("store lease", e))?;
+        Ok(held.is_some_and(|(_, keys)| keys == [key.clone()]))
     };
-    let resumed = if req.resume_lease_id != 0 {
+    let resumed = if req.resume_lease_id != 0 && owned(req.resume_lease_id)? {
         match keep_alive(node, req.resume_lease_id).await {
             Ok(_) => Some(req.resume_lease_id),
             Err(e) if e.to_sidecar().code == sc::error::Code::NotFound as i32 => None,
@@ -130,34 +163,54 @@ async fn register(
         None => grant(node, ttl_ms).await?,
     };
     // Unchanged registration under the same lease: nothing to write.
-    node.linearize().await?;
-    let current = node
-        .store
-        .get(&key)
-        .map_err(|e| ApiError::internal("store get", e))?;
     if current
         .as_ref()
         .is_some_and(|kv| kv.lease == lease && kv.value == value)
     {
         return Ok((lease, key));
     }
+    // Put only if the key is still as read (absent, or this service's).
     let resp = node
-        .propose(Command::Put {
-            key: key.clone(),
-            value,
-            expected_mod_revision: None,
-            prev_kv: false,
-            lease,
+        .propose(Command::Txn {
+            compare: vec![Compare {
+                key: key.clone(),
+                target: CompareTarget::ModRevision(
+                    current.as_ref().map_or(0, |kv| kv.mod_revision),
+                ),
+                op: CompareOp::Equal,
+            }],
+            success: vec![TxnOp::Put {
+                key: key.clone(),
+                value,
+                lease,
+            }],
+            failure: vec![],
         })
         .await?;
     match resp.outcome {
-        Outcome::Put { .. } => Ok((lease, key)),
+        Outcome::Txn {
+            succeeded: true, ..
+        } => Ok((lease, key)),
+        Outcome::Txn { .. } => Err(ApiError::NoLeader(format!(
+            "instance {key} changed while registering; retry"
+        ))),
         Outcome::LeaseNotFound { id } => Err(ApiError::LeaseNotFound { id }),
         other => Err(ApiError::internal(
             "register instance",
             format!("{other:?}"),
         )),
     }
+}
+
+/// The lease TTL for a session: the sidecar's ask, or the node's default,
+/// within [`MIN_LEASE_TTL_MS`, `MAX_SIDECAR_LEASE_TTL_MS`].
+fn session_ttl(node: &Node, asked_ms: u64) -> u64 {
+    let ttl = if asked_ms == 0 {
+        node.config.sidecars.lease_ttl_ms
+    } else {
+        asked_ms
+    };
+    ttl.clamp(crate::leases::MIN_LEASE_TTL_MS, MAX_SIDECAR_LEASE_TTL_MS)
 }
 
 async fn send(send: &mut SendStream, kind: sc::session_message::Kind) -> Result<(), SessionEnd> {
@@ -192,10 +245,8 @@ pub async fn serve(
     };
     let ttl_ms = if lease == 0 {
         0
-    } else if req.ttl_ms == 0 {
-        node.config.sidecars.lease_ttl_ms
     } else {
-        req.ttl_ms
+        session_ttl(node, req.ttl_ms)
     };
     registry.update(conn_id, |e| {
         e.sidecar_name = req.sidecar_name.clone();
@@ -245,6 +296,10 @@ pub async fn serve(
             return Ok(());
         }
         let ttl = if lease == 0 {
+            // No lease to keep alive through the leader: confirm this node
+            // still reaches one, so a sidecar on a cut-off node is told
+            // (UNAVAILABLE) and fails over instead of trusting it.
+            node.linearize().await?;
             0
         } else {
             keep_alive(node, lease).await?

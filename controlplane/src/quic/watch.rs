@@ -18,7 +18,7 @@
 //!   with a `Progress`.
 //!
 //! A frame that the sidecar does not take within [`STUCK_WATCHER_TIMEOUT`]
-//! ends the stream with a retryable error: the sidecar resumes from its
+//! resets the stream ([`STUCK_RESET_CODE`]): the sidecar resumes from its
 //! last applied revision (here or elsewhere) instead of pinning this task.
 
 use std::time::Duration;
@@ -28,13 +28,15 @@ use trellis_proto::frame::{write_frame, SNAPSHOT_CHUNK_BYTES};
 use trellis_proto::sidecar as sc;
 use trellis_raft_store::{EventKind, KeyValue};
 
-use crate::api::watch::{read_history, History};
+use crate::api::watch::{read_history, History, MAX_WATCH_REVISION};
 use crate::error::ApiError;
 use crate::node::Node;
 use crate::system;
 
 /// A sidecar that has not taken one frame in this long is told to resync.
 pub const STUCK_WATCHER_TIMEOUT: Duration = Duration::from_secs(30);
+/// QUIC stream error code of a watch reset for not reading.
+pub const STUCK_RESET_CODE: u32 = 0x5e;
 /// Bounds a sidecar's progress interval from below: progress is a liveness
 /// signal, not a stream of its own.
 const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -64,7 +66,13 @@ impl Out<'_> {
         match tokio::time::timeout(STUCK_WATCHER_TIMEOUT, write_frame(self.send, &msg)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(WatchEnd::Gone),
-            Err(_) => Err(WatchEnd::Stuck),
+            Err(_) => {
+                // Part of a frame may have gone out: nothing more can be
+                // framed on this stream. Reset it; the sidecar resumes
+                // from its last applied revision.
+                let _ = self.send.reset(STUCK_RESET_CODE.into());
+                Err(WatchEnd::Stuck)
+            }
         }
     }
 }
@@ -107,12 +115,22 @@ pub async fn serve(
             let rev = snapshot(node, &prefix, &mut out).await?;
             (rev + 1, rev)
         }
+        Some(after) if after > MAX_WATCH_REVISION => {
+            return Err(ApiError::invalid(
+                "watch.after_revision",
+                format!("{after} is beyond any revision"),
+            )
+            .into())
+        }
         Some(after) => (after + 1, after),
     };
     tokio::pin!(closed);
     loop {
         let current = *applied.borrow_and_update();
         while next <= current {
+            // The node runs on one thread: let Raft and other requests in
+            // between pages of a long catch-up.
+            tokio::task::yield_now().await;
             let page = match read_history(&**store, next, &prefix)? {
                 History::Page(page) => page,
                 History::Compacted(compact_revision) => {
