@@ -7,10 +7,11 @@
 //! | `GET /ready` | 200 `ready` once a config is loaded (disk or control plane), else 503 and why |
 //! | `GET /config_dump` | JSON: revision, source, connection, identity, counts, keys, resources |
 //! | `GET /debug/updates` | JSON array of the last applied updates ([`crate::updates`]) |
+//! | `GET /metrics` | Prometheus text: `trellis_requests_total{direction,destination,code}`, `trellis_config_revision` ([`crate::proxy::metrics`]) |
 //!
 //! Anything else is 404. The bound address is logged and written to
 //! `<data_dir>/admin.addr` (by [`crate::Sidecar::start`]) so tests can use
-//! port 0. The data-path issue extends this with metrics.
+//! port 0.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use tokio::sync::watch;
 use crate::control::ControlStatus;
 use crate::identity::CurrentIdentity;
 use crate::mesh::{ConfigSource, MeshConfig, Parsed};
+use crate::proxy::Metrics;
 use crate::shutdown::Shutdown;
 use crate::updates::UpdateLog;
 
@@ -39,6 +41,7 @@ pub struct AdminState {
     pub status: watch::Receiver<ControlStatus>,
     pub identity: watch::Receiver<Option<Arc<CurrentIdentity>>>,
     pub updates: Arc<UpdateLog>,
+    pub metrics: Arc<Metrics>,
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -160,9 +163,20 @@ impl AdminState {
             },
             "/config_dump" => json_response(&self.config_dump()),
             "/debug/updates" => json_response(&self.updates.records()),
+            "/metrics" => {
+                let revision = self.config.borrow().revision;
+                let mut r = text(StatusCode::OK, self.metrics.render(revision));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                format!("no route {path}; try /live, /ready, /config_dump, /debug/updates\n"),
+                format!(
+                    "no route {path}; try /live, /ready, /config_dump, /debug/updates, /metrics\n"
+                ),
             ),
         }
     }
@@ -227,6 +241,7 @@ mod tests {
                 status,
                 identity,
                 updates: Arc::clone(cache.log()),
+                metrics: Arc::default(),
             },
             status_tx,
         )

@@ -11,17 +11,21 @@
 //! ca_file = "/etc/trellis/ca.pem"
 //! join_token_file = "/etc/trellis/join-token"   # only read if no valid cert is on disk
 //! admin_addr = "127.0.0.1:15000"
+//! outbound_addr = "127.0.0.1:15001"   # the app's calls to other services
+//! inbound_addr = "0.0.0.0:15006"      # peer sidecars (mutual TLS, HTTP/2)
+//! app_addr = "127.0.0.1:9080"         # the local application
 //!
 //! [instance]
 //! name = "reviews-7f9c"
 //! address = "10.0.1.7"
-//! port = 9080
+//! port = 15006          # optional: default the bound inbound port
 //! labels = { version = "v2", zone = "us-east-1a" }
 //! ```
 //!
 //! Files under `data_dir` (all written atomically):
 //! `identity/{cert,key,ca}.pem`, `config.json` (last good config, see
-//! [`crate::disk`]) and `admin.addr` (the bound admin address).
+//! [`crate::disk`]), `admin.addr`, `outbound.addr` and `inbound.addr` (the
+//! bound listener addresses, for tests and tools).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -35,6 +39,15 @@ pub const DEFAULT_NAMESPACE: &str = trellis_resources::DEFAULT_NAMESPACE;
 /// Admin/debug HTTP endpoint: loopback only (it exposes the whole config),
 /// on Envoy's familiar admin port.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// Outbound listener: loopback only, because anything that can reach it
+/// speaks with this workload's identity; 15001 is Istio's familiar port.
+pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";
+/// Inbound listener: every interface, because peer sidecars on other hosts
+/// connect here (mutual TLS keeps everyone else out); Istio's 15006.
+pub const DEFAULT_INBOUND_ADDR: &str = "0.0.0.0:15006";
+/// The local application: the conventional port of the bookinfo services,
+/// on loopback because only this sidecar should reach it.
+pub const DEFAULT_APP_ADDR: &str = "127.0.0.1:9080";
 /// Watch the whole mesh: a sidecar needs services, routes and policies of
 /// any namespace it may call.
 pub const DEFAULT_WATCH_PREFIX: &str = "/";
@@ -77,7 +90,9 @@ pub struct InstanceConfig {
     pub name: Option<String>,
     /// IP literal where this instance's sidecar accepts traffic.
     pub address: String,
-    /// Port at `address`, 1..=65535.
+    /// Port at `address`; 0 (or absent) means the bound port of
+    /// `inbound_addr`, where peer sidecars reach this instance.
+    #[serde(default)]
     pub port: u16,
     /// Instance labels (`version`, `zone`, ...) used by subsets and locality.
     #[serde(default)]
@@ -117,6 +132,15 @@ pub struct SidecarConfig {
     pub admin_addr: String,
     /// Key prefix to watch (`/` for the whole mesh).
     pub watch_prefix: String,
+    /// Where the application sends its calls to other services (plain
+    /// HTTP/1.1 or HTTP/2 prior knowledge, the target service as Host);
+    /// port 0 picks a free port (written to `<data_dir>/outbound.addr`).
+    pub outbound_addr: String,
+    /// Where peer sidecars connect (mutual TLS, HTTP/2); port 0 picks a
+    /// free port (written to `<data_dir>/inbound.addr`).
+    pub inbound_addr: String,
+    /// The local application inbound requests are forwarded to (HTTP/1.1).
+    pub app_addr: String,
     /// The instance to register; absent for a client-only sidecar.
     pub instance: Option<InstanceConfig>,
     /// Lease TTL of the registration (ms).
@@ -146,6 +170,9 @@ impl Default for SidecarConfig {
             join_token_file: None,
             admin_addr: DEFAULT_ADMIN_ADDR.to_string(),
             watch_prefix: DEFAULT_WATCH_PREFIX.to_string(),
+            outbound_addr: DEFAULT_OUTBOUND_ADDR.to_string(),
+            inbound_addr: DEFAULT_INBOUND_ADDR.to_string(),
+            app_addr: DEFAULT_APP_ADDR.to_string(),
             instance: None,
             lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
             reconnect_base_ms: DEFAULT_RECONNECT_BASE_MS,
@@ -228,13 +255,26 @@ impl SidecarConfig {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
     }
 
-    /// The sidecar's name: `name`, else `<service>-<pid>`, else
-    /// `sidecar-<pid>`.
+    /// The sidecar's name: `name`, else `<service>-<host>-<pid>`, else
+    /// `sidecar-<host>-<pid>`. The host part keeps replicas in containers
+    /// (where every pid is 1) from registering the same instance name.
     pub fn resolved_name(&self) -> String {
-        match &self.name {
-            Some(n) if !n.is_empty() => n.clone(),
-            _ if !self.service.is_empty() => format!("{}-{}", self.service, std::process::id()),
-            _ => format!("sidecar-{}", std::process::id()),
+        if let Some(n) = self.name.as_ref().filter(|n| !n.is_empty()) {
+            return n.clone();
+        }
+        let prefix = if self.service.is_empty() {
+            "sidecar"
+        } else {
+            self.service.as_str()
+        };
+        let pid = std::process::id().to_string();
+        // A DNS label holds 63 characters: the host part takes what is left.
+        let room = 63usize.saturating_sub(prefix.len() + pid.len() + 2);
+        match hostname_label().map(|h| h.chars().take(room).collect::<String>()) {
+            Some(h) if !h.trim_end_matches('-').is_empty() => {
+                format!("{prefix}-{}-{pid}", h.trim_end_matches('-'))
+            }
+            _ => format!("{prefix}-{pid}"),
         }
     }
 
@@ -251,6 +291,16 @@ impl SidecarConfig {
     /// `<data_dir>/admin.addr`: the bound admin address, for tests and tools.
     pub fn admin_addr_path(&self) -> PathBuf {
         self.data_dir.join("admin.addr")
+    }
+
+    /// `<data_dir>/outbound.addr`: the bound outbound listener address.
+    pub fn outbound_addr_path(&self) -> PathBuf {
+        self.data_dir.join("outbound.addr")
+    }
+
+    /// `<data_dir>/inbound.addr`: the bound inbound listener address.
+    pub fn inbound_addr_path(&self) -> PathBuf {
+        self.data_dir.join("inbound.addr")
     }
 
     /// Checks every field; the first problem found is returned, naming its
@@ -327,6 +377,32 @@ impl SidecarConfig {
                     self.admin_addr
                 ),
             ));
+        }
+        for (field, value, zero_ok) in [
+            ("outbound_addr", &self.outbound_addr, true),
+            ("inbound_addr", &self.inbound_addr, true),
+            ("app_addr", &self.app_addr, false),
+        ] {
+            match value.parse::<SocketAddr>() {
+                Ok(a) if a.port() == 0 && !zero_ok => {
+                    return Err(invalid(
+                        field,
+                        format!("{value:?}: port must be in 1..=65535"),
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let hint = if zero_ok {
+                        "; port 0 picks a free port"
+                    } else {
+                        ""
+                    };
+                    return Err(invalid(
+                        field,
+                        format!("{value:?} is not IP:port ({e}){hint}"),
+                    ));
+                }
+            }
         }
         if !self.watch_prefix.starts_with('/') {
             return Err(invalid(
@@ -408,9 +484,6 @@ impl SidecarConfig {
                 ))
             }
         }
-        if inst.port == 0 {
-            return Err(invalid("instance.port", "must be in 1..=65535"));
-        }
         let max_weight = trellis_resources::service::MAX_INSTANCE_WEIGHT;
         if inst.weight > max_weight {
             return Err(invalid(
@@ -438,6 +511,21 @@ impl SidecarConfig {
             .as_ref()
             .map(|i| i.name.clone().unwrap_or_else(|| self.resolved_name()))
     }
+}
+
+/// The machine's host name as a DNS label (lower case, `[a-z0-9-]`, at
+/// most 40 characters), if the kernel says it.
+fn hostname_label() -> Option<String> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let label: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(40)
+        .collect();
+    let label = label.trim_matches('-').to_string();
+    (!label.is_empty()).then_some(label)
 }
 
 #[cfg(test)]
@@ -542,6 +630,9 @@ mod tests {
             ("namespace", |c| c.namespace = "Bad_NS".into()),
             ("service", |c| c.service = "no spaces".into()),
             ("admin_addr", |c| c.admin_addr = "localhost".into()),
+            ("outbound_addr", |c| c.outbound_addr = "x:1".into()),
+            ("inbound_addr", |c| c.inbound_addr = "15006".into()),
+            ("app_addr", |c| c.app_addr = "127.0.0.1:0".into()),
             ("watch_prefix", |c| c.watch_prefix = "route/".into()),
             ("lease_ttl_ms", |c| c.lease_ttl_ms = 1),
             ("reconnect_base_ms", |c| c.reconnect_base_ms = 0),
@@ -592,7 +683,6 @@ mod tests {
         let cases: Vec<(&str, Mutation<InstanceConfig>)> = vec![
             ("instance.address", |i| i.address = "host".into()),
             ("instance.address", |i| i.address = "0.0.0.0".into()),
-            ("instance.port", |i| i.port = 0),
             ("instance.weight", |i| i.weight = 1_000_000),
             ("instance.name", |i| i.name = Some("UPPER".into())),
             ("instance.labels. x", |i| {

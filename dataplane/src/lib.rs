@@ -1,7 +1,9 @@
-//! `trellis-sidecar`, the data-plane proxy. Today: its control-plane side.
-//! The request path (listeners, routing, balancing, resilience, policy)
-//! comes in its own issues and will read [`MeshConfig`] from the watch
-//! channel this crate publishes.
+//! `trellis-sidecar`, the data-plane proxy: its control-plane side
+//! (identity, config) and the request path ([`proxy`]: outbound and
+//! inbound listeners, routing, balancing, mutual TLS between sidecars),
+//! which reads [`MeshConfig`] from the watch channel this crate publishes.
+//! Resilience (retries, outlier ejection) and policy come in their own
+//! issues.
 //!
 //! # Where data enters and leaves
 //!
@@ -10,7 +12,7 @@
 //!                                        │
 //!   <data_dir>/config.json ─► disk::load ─┤                 ┌─► disk::spawn_writer ─► config.json
 //!                                        ▼                 │
-//!   control node (QUIC) ─► watch::WatchSession ─► cache::ConfigCache ─► watch<Arc<MeshConfig>> ─► request path (later),
+//!   control node (QUIC) ─► watch::WatchSession ─► cache::ConfigCache ─► watch<Arc<MeshConfig>> ─► request path (proxy),
 //!        ▲  │                 (snapshot/delta/progress)   │                                 admin /config_dump
 //!        │  └─ session::SessionStream ◄─ acked revision ──┘
 //!        │        (registration, keepalive, acks, goodbye)
@@ -32,6 +34,7 @@
 //! | [`mesh`] | [`MeshConfig`]: typed resources indexed for lookups; bad values skipped and counted |
 //! | [`updates`] | ring buffer of applied updates (`/debug/updates`) |
 //! | [`disk`] | `<data_dir>/config.json`: atomic, coalesced writes; load at start |
+//! | [`proxy`] | the request path; its `mod.rs` writes the order of the steps |
 //! | [`admin`] | HTTP: `/live`, `/ready`, `/config_dump`, `/debug/updates` |
 //! | [`backoff`] | full-jitter exponential backoff |
 //! | [`shutdown`] | the shutdown signal every task watches |
@@ -47,6 +50,7 @@ pub mod control;
 pub mod disk;
 pub mod identity;
 pub mod mesh;
+pub mod proxy;
 pub mod session;
 pub mod shutdown;
 pub mod sidecar;

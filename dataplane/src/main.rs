@@ -64,6 +64,17 @@ struct RunArgs {
     /// Key prefix to watch.
     #[arg(long)]
     watch_prefix: Option<String>,
+    /// Outbound listener for the application's calls (port 0 picks one;
+    /// see <data_dir>/outbound.addr).
+    #[arg(long)]
+    outbound_addr: Option<String>,
+    /// Inbound listener for peer sidecars (port 0 picks one; see
+    /// <data_dir>/inbound.addr).
+    #[arg(long)]
+    inbound_addr: Option<String>,
+    /// The local application inbound requests go to (IP:port).
+    #[arg(long)]
+    app_addr: Option<String>,
     /// Register an instance with this name (default: the sidecar's name).
     #[arg(long)]
     instance_name: Option<String>,
@@ -143,6 +154,9 @@ fn build_config(args: RunArgs) -> Result<SidecarConfig, String> {
     set!(service <- args.service);
     set!(admin_addr <- args.admin_addr);
     set!(watch_prefix <- args.watch_prefix);
+    set!(outbound_addr <- args.outbound_addr);
+    set!(inbound_addr <- args.inbound_addr);
+    set!(app_addr <- args.app_addr);
     set!(lease_ttl_ms <- args.lease_ttl_ms);
     set!(reconnect_base_ms <- args.reconnect_base_ms);
     set!(reconnect_max_ms <- args.reconnect_max_ms);

@@ -1,12 +1,19 @@
-//! Start-up, wiring and shutdown of the sidecar's control-plane side:
+//! Start-up, wiring and shutdown of the sidecar (control-plane side and
+//! request path):
 //! [`Sidecar::start`] returns a handle once the admin endpoint listens;
 //! [`run`] starts one and runs it until a future (a signal) resolves.
 //!
 //! Start-up order, so a restarted sidecar is useful as early as possible:
 //!
-//! 1. validate the config, read `ca_file`, create `data_dir`;
+//! 1. validate the config, read `ca_file`, create `data_dir`; bind
+//!    `outbound_addr` and `inbound_addr` and write
+//!    `<data_dir>/{outbound,inbound}.addr` (before registering, so the
+//!    instance is registered with the bound inbound port when
+//!    `instance.port` is not given);
 //! 2. load `<data_dir>/config.json` (ready at once if it parses);
-//! 3. listen on `admin_addr`, write `<data_dir>/admin.addr`;
+//! 3. listen on `admin_addr`, write `<data_dir>/admin.addr`; serve the
+//!    request path ([`crate::proxy`]; inbound handshakes fail and outbound
+//!    requests get 503 until an identity exists);
 //! 4. in the background: obtain the identity (stored or join), start
 //!    certificate renewal, run the connection manager.
 //!
@@ -31,6 +38,9 @@ use crate::control::{ControlPlane, ControlStatus};
 use crate::disk;
 use crate::identity::{self, CurrentIdentity, IdentityContext, IdentityError};
 use crate::mesh::MeshConfig;
+use crate::proxy::{
+    self, balance::InFlight, upstream::Upstreams, Inbound, Metrics, Outbound, TlsSource,
+};
 use crate::shutdown::{self, ShutdownTrigger};
 use crate::transport::{self, Endpoints};
 use crate::updates::UpdateLog;
@@ -63,6 +73,15 @@ pub enum SidecarError {
         #[source]
         source: std::io::Error,
     },
+    /// A data-path listener address (`outbound_addr`, `inbound_addr`) is
+    /// taken or not ours (exit 1, retryable).
+    #[error("{field} {addr}: cannot listen: {source}")]
+    ListenerBind {
+        field: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// No identity: join refused (exit 1), no token (exit 2), ...
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -90,6 +109,7 @@ impl SidecarError {
             self,
             SidecarError::DataDir { .. }
                 | SidecarError::AdminBind { .. }
+                | SidecarError::ListenerBind { .. }
                 | SidecarError::Internal(_)
                 | SidecarError::Identity(IdentityError::Persist { .. })
         )
@@ -100,6 +120,8 @@ impl SidecarError {
 #[derive(Debug)]
 pub struct Sidecar {
     admin_addr: SocketAddr,
+    outbound_addr: SocketAddr,
+    inbound_addr: SocketAddr,
     config: watch::Receiver<Arc<MeshConfig>>,
     acks: watch::Receiver<u64>,
     status: watch::Receiver<ControlStatus>,
@@ -125,14 +147,31 @@ impl Sidecar {
     /// and starts obtaining an identity and connecting in the background.
     /// Errors from the background (a refused join) come from
     /// [`Sidecar::wait`].
-    pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
+    pub async fn start(mut config: SidecarConfig) -> Result<Sidecar, SidecarError> {
         config.validate()?;
-        let config = Arc::new(config);
         let ca_pem = read_ca(&config)?;
         for dir in [config.data_dir.clone(), config.identity_dir()] {
             std::fs::create_dir_all(&dir)
                 .map_err(|source| SidecarError::DataDir { path: dir, source })?;
         }
+        let (outbound_listener, outbound_addr) = bind_data(
+            "outbound_addr",
+            &config.outbound_addr,
+            &config.outbound_addr_path(),
+        )
+        .await?;
+        let (inbound_listener, inbound_addr) = bind_data(
+            "inbound_addr",
+            &config.inbound_addr,
+            &config.inbound_addr_path(),
+        )
+        .await?;
+        if let Some(inst) = config.instance.as_mut() {
+            if inst.port == 0 {
+                inst.port = inbound_addr.port();
+            }
+        }
+        let config = Arc::new(config);
 
         let updates = Arc::new(UpdateLog::default());
         let mut cache = ConfigCache::new(Arc::clone(&updates));
@@ -182,6 +221,7 @@ impl Sidecar {
             source,
         })?;
         tracing::info!(admin_addr = %admin_addr, sidecar = %sidecar_name, "admin endpoint listening");
+        let metrics = Arc::new(Metrics::default());
         let admin_state = AdminState {
             sidecar_name: sidecar_name.clone(),
             config: cache.subscribe(),
@@ -189,9 +229,43 @@ impl Sidecar {
             status: status.clone(),
             identity: identity_tx.subscribe(),
             updates: Arc::clone(&updates),
+            metrics: Arc::clone(&metrics),
         };
         let (admin_trigger, admin_shutdown) = shutdown::channel();
         let admin_task = tokio::spawn(admin::serve(listener, admin_state, admin_shutdown));
+
+        let tls = Arc::new(TlsSource::new(ca_pem.clone(), identity_tx.subscribe()));
+        let outbound = Arc::new(Outbound {
+            config: cache.subscribe(),
+            namespace: config.namespace.clone(),
+            labels: config
+                .instance
+                .as_ref()
+                .map(|i| i.labels.clone())
+                .unwrap_or_default(),
+            inflight: InFlight::default(),
+            upstreams: Upstreams::new(Arc::clone(&tls)),
+            tls: Arc::clone(&tls),
+            metrics: Arc::clone(&metrics),
+        });
+        // validate() checked app_addr.
+        let app_addr = config
+            .app_addr
+            .parse()
+            .map_err(|e| SidecarError::Internal(format!("app_addr: {e}")))?;
+        let inbound = Arc::new(Inbound::new(tls, app_addr, config.service.clone(), metrics));
+        tokio::spawn(proxy::outbound::serve(
+            outbound_listener,
+            outbound,
+            shutdown.clone(),
+        ));
+        tokio::spawn(proxy::inbound::serve(
+            inbound_listener,
+            inbound,
+            shutdown.clone(),
+        ));
+        tracing::info!(outbound_addr = %outbound_addr, inbound_addr = %inbound_addr, app_addr = %app_addr,
+            "request path listening");
 
         let config_rx = cache.subscribe();
         let acks = cache.acks();
@@ -240,6 +314,8 @@ impl Sidecar {
         });
         Ok(Sidecar {
             admin_addr,
+            outbound_addr,
+            inbound_addr,
             config: config_rx,
             acks,
             status,
@@ -253,6 +329,16 @@ impl Sidecar {
     /// The bound admin address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The bound outbound (application-facing) address.
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound_addr
+    }
+
+    /// The bound inbound (peer-sidecar-facing) address.
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.inbound_addr
     }
 
     /// The compiled config, updated after every change (what the request
@@ -301,6 +387,28 @@ impl Sidecar {
         self.shutdown();
         self.wait().await
     }
+}
+
+/// Binds a data-path listener and writes its bound address to `path`.
+async fn bind_data(
+    field: &'static str,
+    addr: &str,
+    path: &std::path::Path,
+) -> Result<(TcpListener, SocketAddr), SidecarError> {
+    let err = |source| SidecarError::ListenerBind {
+        field,
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    trellis_identity::write_file_atomic(path, format!("{bound}\n").as_bytes(), false).map_err(
+        |source| SidecarError::DataDir {
+            path: path.to_path_buf(),
+            source,
+        },
+    )?;
+    Ok((listener, bound))
 }
 
 /// Runs a sidecar with `config` until it fails or `shutdown` resolves, then

@@ -364,6 +364,8 @@ fn sidecar_config(
         name = "reviews-1"
         service = "reviews"
         admin_addr = "127.0.0.1:0"
+        outbound_addr = "127.0.0.1:0"
+        inbound_addr = "127.0.0.1:0"
         lease_ttl_ms = 1500
         reconnect_base_ms = 10
         reconnect_max_ms = 100

@@ -127,6 +127,16 @@ pub enum IdentityError {
     #[error("peer presented no certificate")]
     NoPeerCertificate,
 
+    /// A verified peer is not the workload that was expected (e.g. a
+    /// sidecar of another service answered at a destination's address).
+    #[error("peer identity is {found}, expected {expected}")]
+    UnexpectedPeer {
+        /// The SPIFFE ID the caller asked for.
+        expected: String,
+        /// The SPIFFE ID the peer's certificate carries.
+        found: String,
+    },
+
     /// rcgen refused to build a key, CSR or certificate.
     #[error("{op}: {source}")]
     Rcgen {

@@ -49,7 +49,7 @@
 //! | `spiffe.rs` | [`Identity`], SPIFFE ID formatting and strict parsing, name rules |
 //! | `ca.rs` | [`Ca`], certificate issuance, [`generate_csr`], validity constants |
 //! | `cert.rs` | [`CertInfo`], [`Issued`], [`cert_info`], [`peer_cert_info`] |
-//! | `tls.rs` | [`server_config`], [`client_config`], [`ClientAuth`], [`ALPN_SIDECAR`] |
+//! | `tls.rs` | [`server_config`], [`client_config`], [`workload_client_config`] + [`SpiffeServerVerifier`] (sidecar↔sidecar: verify by SPIFFE ID, not server name), [`ClientAuth`], [`ALPN_SIDECAR`] |
 //! | `token.rs` | [`JoinToken`] |
 //! | `fs.rs` | [`write_file_atomic`] |
 
@@ -75,7 +75,7 @@ pub use spiffe::{
     SPIFFE_SCHEME,
 };
 pub use tls::{
-    client_config, crypto_provider, root_store, server_config, ClientAuth, ALPN_SIDECAR,
-    TLS_VERSIONS,
+    client_config, crypto_provider, root_store, server_config, workload_client_config, ClientAuth,
+    SpiffeServerVerifier, ALPN_SIDECAR, TLS_VERSIONS,
 };
 pub use token::{JoinToken, JOIN_TOKEN_ID_HEX_LEN, JOIN_TOKEN_PREFIX, JOIN_TOKEN_SECRET_HEX_LEN};

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::PrivateKeyDer;
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::cert::{cert_chain_der, pem_error};
@@ -110,6 +110,129 @@ pub fn client_config(
         }
         None => builder.with_no_client_auth(),
     };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// Verifies a *workload* server (a peer sidecar) by identity instead of by
+/// server name: the chain must lead to the cluster CA (webpki, serverAuth),
+/// and the leaf's single SPIFFE URI SAN must equal `expected` when one is
+/// given. The server name the client dials is ignored, because workload
+/// certificates carry only their SPIFFE URI (no IP or DNS SAN).
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    expected: Option<String>,
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier trusting the CA certificate(s) in `ca_pem`; with
+    /// `expected = Some(id)` only a server whose SPIFFE ID is exactly `id`
+    /// passes (with `None` the caller must check
+    /// [`crate::peer_cert_info`] after the handshake).
+    pub fn new(ca_pem: &str, expected: Option<String>) -> Result<Self, IdentityError> {
+        Ok(SpiffeServerVerifier {
+            roots: Arc::new(root_store(ca_pem)?),
+            provider: crypto_provider(),
+            expected,
+        })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        if let Some(expected) = &self.expected {
+            let info = crate::peer_cert_info(std::slice::from_ref(end_entity)).map_err(|e| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                    rustls::OtherError(Arc::new(e)),
+                ))
+            })?;
+            if &info.spiffe_id != expected {
+                return Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+                        IdentityError::UnexpectedPeer {
+                            expected: expected.clone(),
+                            found: info.spiffe_id,
+                        },
+                    ))),
+                ));
+            }
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// rustls client config for sidecar-to-sidecar mutual TLS: presents
+/// `cert_pem`/`key_pem` (the workload certificate), verifies the server
+/// with [`SpiffeServerVerifier`] (chain to `ca_pem`, SPIFFE ID `expected`,
+/// any server name), TLS 1.3, ring, `alpn` in preference order.
+pub fn workload_client_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    expected: Option<String>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, IdentityError> {
+    let verifier = Arc::new(SpiffeServerVerifier::new(ca_pem, expected)?);
+    let chain = cert_chain_der("client certificate", cert_pem)?;
+    let key = private_key("client key", key_pem)?;
+    let mut config = ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(TLS_VERSIONS)
+        .map_err(tls_err("TLS client config"))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(tls_err("TLS client certificate/key"))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
@@ -344,6 +467,70 @@ mod tests {
         let other = Ca::create(crate::DEFAULT_TRUST_DOMAIN).unwrap();
         let cfg = client_config(other.cert_pem(), None, &[]).unwrap();
         let (mut c, mut sv) = connect(&s.server, cfg, "127.0.0.1");
+        let (side, _) = handshake(&mut c, &mut sv).unwrap_err();
+        assert_eq!(side, "client");
+    }
+
+    fn workload(ca: &Ca, service: &str) -> (String, String) {
+        let (csr, key) = crate::generate_csr().unwrap();
+        let identity = Identity::Workload {
+            namespace: "default".into(),
+            service: service.into(),
+        };
+        let issued = ca
+            .sign_csr(&csr, &identity, &[], crate::WORKLOAD_CERT_VALIDITY)
+            .unwrap();
+        (issued.cert_pem, key)
+    }
+
+    #[test]
+    fn workload_server_is_verified_by_spiffe_id_not_name() {
+        let ca = Ca::create(crate::DEFAULT_TRUST_DOMAIN).unwrap();
+        let (srv_cert, srv_key) = workload(&ca, "reviews");
+        let (cli_cert, cli_key) = workload(&ca, "productpage");
+        let server = Arc::new(
+            server_config(
+                ca.cert_pem(),
+                &srv_cert,
+                &srv_key,
+                ClientAuth::Required,
+                &[b"h2"],
+            )
+            .unwrap(),
+        );
+        let want = |svc: &str| Some(format!("spiffe://trellis.local/ns/default/svc/{svc}"));
+        // Any server name: the certificate has no IP/DNS SAN.
+        for name in ["127.0.0.1", "reviews"] {
+            let cfg = workload_client_config(
+                ca.cert_pem(),
+                &cli_cert,
+                &cli_key,
+                want("reviews"),
+                &[b"h2"],
+            )
+            .unwrap();
+            let (mut c, mut sv) = connect(&server, cfg, name);
+            handshake(&mut c, &mut sv).unwrap();
+            ping(&mut c, &mut sv).unwrap();
+            let peer = peer_cert_info(sv.peer_certificates().unwrap()).unwrap();
+            assert_eq!(Some(peer.spiffe_id), want("productpage"));
+        }
+        // Another service's sidecar answering is refused by the client.
+        let cfg = workload_client_config(ca.cert_pem(), &cli_cert, &cli_key, want("ratings"), &[])
+            .unwrap();
+        let (mut c, mut sv) = connect(&server, cfg, "127.0.0.1");
+        let (side, err) = handshake(&mut c, &mut sv).unwrap_err();
+        assert_eq!(side, "client");
+        assert!(err.to_string().contains("svc/ratings"), "{err}");
+        // A server from another CA is refused.
+        let other = Ca::create(crate::DEFAULT_TRUST_DOMAIN).unwrap();
+        let (o_cert, o_key) = workload(&other, "reviews");
+        let foreign = Arc::new(
+            server_config(other.cert_pem(), &o_cert, &o_key, ClientAuth::Optional, &[]).unwrap(),
+        );
+        let cfg = workload_client_config(ca.cert_pem(), &cli_cert, &cli_key, want("reviews"), &[])
+            .unwrap();
+        let (mut c, mut sv) = connect(&foreign, cfg, "127.0.0.1");
         let (side, _) = handshake(&mut c, &mut sv).unwrap_err();
         assert_eq!(side, "client");
     }

@@ -53,12 +53,24 @@ impl SidecarProc {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("opening {}", self.log_path.display()))?;
+        // Ephemeral data-path ports too, unless the test chose them, so
+        // several sidecars can run side by side.
+        let mut listeners = Vec::new();
+        for flag in ["--outbound-addr", "--inbound-addr"] {
+            if !self.args.iter().any(|a| a == flag) {
+                listeners.extend([flag.to_string(), "127.0.0.1:0".to_string()]);
+            }
+        }
+        for f in ["outbound.addr", "inbound.addr"] {
+            let _ = std::fs::remove_file(self.data_dir.join(f));
+        }
         let mut child = Command::new(&self.bin)
             .arg("run")
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--admin-addr")
             .arg("127.0.0.1:0")
+            .args(&listeners)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -115,6 +127,26 @@ impl SidecarProc {
             }
         }
         Ok(())
+    }
+
+    /// The bound outbound (application-facing) address, from
+    /// `<data dir>/outbound.addr` (written before `admin.addr`).
+    pub fn outbound_addr(&self) -> Result<SocketAddr> {
+        self.read_addr("outbound.addr")
+    }
+
+    /// The bound inbound (peer-sidecar-facing) address.
+    pub fn inbound_addr(&self) -> Result<SocketAddr> {
+        self.read_addr("inbound.addr")
+    }
+
+    fn read_addr(&self, file: &str) -> Result<SocketAddr> {
+        let path = self.data_dir.join(file);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{}: not an address: {text:?}", path.display()))
     }
 
     pub fn data_dir(&self) -> &Path {

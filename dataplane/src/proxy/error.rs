@@ -1,0 +1,152 @@
+//! Errors become responses here, and only here: every synthetic response
+//! the data path produces comes from [`ProxyError::into_response`], with an
+//! `x-trellis-error` header naming the cause and the service/subset, so
+//! "why 503?" has an answer. gRPC callers (`content-type:
+//! application/grpc...`) also get the matching `grpc-status` (and
+//! `grpc-message`), because gRPC clients read those, not the HTTP status.
+
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+
+use super::body::{full, ProxyBody};
+
+/// The header that says why the sidecar answered instead of the upstream.
+pub const ERROR_HEADER: &str = "x-trellis-error";
+
+/// Why a request could not be forwarded. `service`/`subset` name the
+/// destination (`subset` is `-` for "all instances").
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request named no host (no `Host` header, no authority).
+    #[error("request has no host")]
+    NoHost,
+    /// No Route and no Service for the host.
+    #[error("no route for host {host}")]
+    NoRoute { host: String },
+    /// Routes exist for the host but none of their rules matches.
+    #[error("no route rule matched for host {host}")]
+    NoRuleMatched { host: String },
+    /// The destination has no healthy instance (or the subset is unknown).
+    #[error("no healthy endpoint for {service}/{subset}")]
+    NoHealthyEndpoint { service: String, subset: String },
+    /// The route's deadline passed before the upstream answered.
+    #[error("upstream timeout after {timeout_ms} ms for {service}/{subset}")]
+    Timeout {
+        service: String,
+        subset: String,
+        timeout_ms: u64,
+    },
+    /// Could not connect (TCP, TLS, HTTP/2 handshake) to the endpoint.
+    #[error("upstream connect failure for {service}/{subset} at {endpoint}: {reason}")]
+    Connect {
+        service: String,
+        subset: String,
+        endpoint: String,
+        reason: String,
+    },
+    /// The upstream reset the stream or the connection broke mid-request.
+    #[error("upstream reset for {service}/{subset} at {endpoint}: {reason}")]
+    Reset {
+        service: String,
+        subset: String,
+        endpoint: String,
+        reason: String,
+    },
+    /// This sidecar has no certificate yet (still joining).
+    #[error("sidecar has no identity yet")]
+    NoIdentity,
+}
+
+impl ProxyError {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoHost => StatusCode::BAD_REQUEST,
+            ProxyError::NoRoute { .. } | ProxyError::NoRuleMatched { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoHealthyEndpoint { .. } | ProxyError::NoIdentity => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Connect { .. } | ProxyError::Reset { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The gRPC status code matching [`ProxyError::status`] (gRPC's own
+    /// HTTP-to-gRPC mapping: 404 UNIMPLEMENTED, 503/502 UNAVAILABLE, 504
+    /// DEADLINE_EXCEEDED, 400 INTERNAL).
+    pub fn grpc_status(&self) -> u8 {
+        match self {
+            ProxyError::NoHost => 13,
+            ProxyError::NoRoute { .. } | ProxyError::NoRuleMatched { .. } => 12,
+            ProxyError::Timeout { .. } => 4,
+            _ => 14,
+        }
+    }
+
+    /// The response: status, `x-trellis-error: <cause>`, a text body with
+    /// the same words, and for gRPC callers `grpc-status`/`grpc-message`.
+    pub fn into_response(self, grpc: bool) -> Response<ProxyBody> {
+        let text = self.to_string();
+        tracing::debug!(status = self.status().as_u16(), error = %text, "synthetic response");
+        // Header values must be visible ASCII; names and reasons are, but
+        // never fail here over a stray byte.
+        let value = HeaderValue::from_str(&text)
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid error text"));
+        let mut resp = Response::new(full(format!("{text}\n")));
+        *resp.status_mut() = if grpc { StatusCode::OK } else { self.status() };
+        let h = resp.headers_mut();
+        h.insert(ERROR_HEADER, value.clone());
+        if grpc {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert(
+                "grpc-status",
+                HeaderValue::from(u16::from(self.grpc_status())),
+            );
+            h.insert("grpc-message", value);
+        } else {
+            h.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+        }
+        resp
+    }
+}
+
+/// True if the request is gRPC (its errors need `grpc-status`).
+pub fn is_grpc(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_has_its_status_and_header() {
+        let e = ProxyError::NoHealthyEndpoint {
+            service: "reviews".into(),
+            subset: "v2".into(),
+        };
+        let r = e.into_response(false);
+        assert_eq!(r.status(), 503);
+        assert_eq!(
+            r.headers()[ERROR_HEADER],
+            "no healthy endpoint for reviews/v2"
+        );
+        let r = ProxyError::NoRoute { host: "x".into() }.into_response(true);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "12");
+        assert_eq!(r.headers()[ERROR_HEADER], "no route for host x");
+        let r = ProxyError::Timeout {
+            service: "a".into(),
+            subset: "-".into(),
+            timeout_ms: 5,
+        }
+        .into_response(false);
+        assert_eq!(r.status(), 504);
+    }
+}

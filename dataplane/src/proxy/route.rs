@@ -1,0 +1,293 @@
+//! Route selection: host → Route rules (or the Service's default route) →
+//! one weighted destination. Reads only the [`MeshConfig`] snapshot the
+//! request took; allocates nothing but the answer's strings.
+//!
+//! * The host is the request's authority or `Host` header without its port,
+//!   `svc` (the caller's namespace) or `svc.ns`.
+//! * Routes listing the host in that namespace are tried in key order, their
+//!   rules in order; the first rule whose `match` list matches wins (an
+//!   empty list matches everything). No matching rule: 404.
+//! * No Route but a Service of that name: every instance of the service,
+//!   default timeout.
+//! * A rule's destinations are picked at random by weight.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use hyper::http::request::Parts;
+use regex::Regex;
+use trellis_resources::matching::{compile_regex, HeaderMatch, StringMatch};
+use trellis_resources::route::{Degrade, HeaderOperations, HttpMatch, DEFAULT_TIMEOUT};
+
+use super::error::ProxyError;
+use crate::mesh::MeshConfig;
+
+/// Where a request goes, borrowed from the config snapshot.
+#[derive(Debug)]
+pub struct Target<'a> {
+    /// Namespace of the destination service.
+    pub namespace: &'a str,
+    /// Destination service.
+    pub service: &'a str,
+    /// Subset (`None`: every instance).
+    pub subset: Option<&'a str>,
+    /// The request's deadline.
+    pub timeout: Duration,
+    /// Header edits of the rule.
+    pub headers: Option<&'a HeaderOperations>,
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Decision<'a> {
+    /// Forward to this destination.
+    Forward(Target<'a>),
+    /// Answer locally (the rule's degrade switch).
+    Degrade(&'a Degrade),
+}
+
+/// Splits `host[:port]` into (service, namespace), the namespace defaulting
+/// to `caller_ns`.
+pub fn parse_host<'a>(host: &'a str, caller_ns: &'a str) -> (&'a str, &'a str) {
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let mut labels = host.split('.');
+    let name = labels.next().unwrap_or(host);
+    match labels.next() {
+        Some(ns) if !ns.is_empty() => (name, ns),
+        _ => (name, caller_ns),
+    }
+}
+
+/// Chooses the destination of a request to `host`. `source_labels` are the
+/// calling instance's labels (this sidecar's), for `sourceLabels` matches.
+pub fn decide<'a>(
+    cfg: &'a MeshConfig,
+    host: &'a str,
+    caller_ns: &'a str,
+    req: &Parts,
+    source_labels: &BTreeMap<String, String>,
+) -> Result<Decision<'a>, ProxyError> {
+    let (name, ns) = parse_host(host, caller_ns);
+    let mut any_route = false;
+    for (_, route) in cfg.routes_for_host(ns, name) {
+        any_route = true;
+        for rule in &route.http {
+            if !(rule.matches.is_empty()
+                || rule.matches.iter().any(|m| matches(m, req, source_labels)))
+            {
+                continue;
+            }
+            if let Some(d) = &rule.degrade {
+                return Ok(Decision::Degrade(d));
+            }
+            let total: u32 = rule.route.iter().map(|d| d.effective_weight()).sum();
+            let dest = if total == 0 || rule.route.len() == 1 {
+                rule.route.first()
+            } else {
+                let mut pick = rand::random_range(0..total);
+                rule.route.iter().find(|d| {
+                    let w = d.effective_weight();
+                    if pick < w {
+                        true
+                    } else {
+                        pick -= w;
+                        false
+                    }
+                })
+            };
+            let Some(dest) = dest else { continue };
+            return Ok(Decision::Forward(Target {
+                namespace: ns,
+                service: &dest.destination.service,
+                subset: dest.destination.subset.as_deref(),
+                timeout: rule.timeout.as_std(),
+                headers: rule.headers.as_ref(),
+            }));
+        }
+    }
+    if any_route {
+        return Err(ProxyError::NoRuleMatched {
+            host: host.to_string(),
+        });
+    }
+    match cfg.service(ns, name) {
+        Some((r, _)) => Ok(Decision::Forward(Target {
+            namespace: ns,
+            service: &r.metadata.name,
+            subset: None,
+            timeout: DEFAULT_TIMEOUT.as_std(),
+            headers: None,
+        })),
+        None => Err(ProxyError::NoRoute {
+            host: host.to_string(),
+        }),
+    }
+}
+
+/// Does one `match` entry match (all its set fields)?
+fn matches(m: &HttpMatch, req: &Parts, source_labels: &BTreeMap<String, String>) -> bool {
+    if let Some(p) = &m.path {
+        if !string_match(p, req.uri.path()) {
+            return false;
+        }
+    }
+    if !m.method.is_empty() && !m.method.iter().any(|x| x == req.method.as_str()) {
+        return false;
+    }
+    for (name, hm) in &m.headers {
+        let ok = match (hm, req.headers.get(name.as_str())) {
+            (_, None) => false,
+            (HeaderMatch::Present, Some(_)) => true,
+            (HeaderMatch::Value(sm), Some(v)) => v.to_str().is_ok_and(|v| string_match(sm, v)),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    m.source_labels
+        .iter()
+        .all(|(k, v)| source_labels.get(k) == Some(v))
+}
+
+/// Most regexes kept compiled per worker thread; the cache is cleared when
+/// full (a config with more distinct patterns than this is unusual).
+const REGEX_CACHE_ENTRIES: usize = 256;
+
+thread_local! {
+    static REGEXES: RefCell<HashMap<String, Option<Regex>>> = RefCell::new(HashMap::new());
+}
+
+fn string_match(m: &StringMatch, value: &str) -> bool {
+    match m {
+        StringMatch::Exact(e) => value == e,
+        StringMatch::Prefix(p) => value.starts_with(p.as_str()),
+        StringMatch::Regex(pattern) => REGEXES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some(re) = cache.get(pattern) {
+                return re.as_ref().is_some_and(|re| re.is_match(value));
+            }
+            if cache.len() >= REGEX_CACHE_ENTRIES {
+                cache.clear();
+            }
+            // A validated resource never has a bad regex; if one slips
+            // through it matches nothing.
+            let re = compile_regex(pattern).ok();
+            let hit = re.as_ref().is_some_and(|re| re.is_match(value));
+            cache.insert(pattern.clone(), re);
+            hit
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::{ConfigSource, Entry, RawState};
+    use crate::proxy::balance;
+    use std::sync::Arc;
+    use trellis_proto::sidecar::KeyValue;
+    use trellis_resources::Resource;
+
+    fn config(docs: &[&str]) -> MeshConfig {
+        let mut raw = RawState::new();
+        for d in docs {
+            let r = Resource::from_json(d.as_bytes()).unwrap();
+            let key = r.key();
+            let kv = KeyValue {
+                key: key.clone(),
+                value: d.as_bytes().to_vec(),
+                mod_revision: 1,
+                ..Default::default()
+            };
+            raw.insert(key, Arc::new(Entry::new(kv)));
+        }
+        MeshConfig::build(1, ConfigSource::Disk, Arc::new(raw))
+    }
+
+    const SVC: &str = r#"{"apiVersion":"trellis/v1","kind":"Service","metadata":{"name":"reviews","namespace":"default"},"spec":{"ports":[{"name":"http","port":9080,"protocol":"http"}]}}"#;
+    const DP: &str = r#"{"apiVersion":"trellis/v1","kind":"DestinationPolicy","metadata":{"name":"reviews","namespace":"default"},"spec":{"host":"reviews","subsets":[{"name":"v1","labels":{"version":"v1"}},{"name":"v2","labels":{"version":"v2"}}]}}"#;
+    const ROUTE: &str = r#"{"apiVersion":"trellis/v1","kind":"Route","metadata":{"name":"reviews","namespace":"default"},"spec":{"hosts":["reviews"],"http":[
+        {"match":[{"headers":{"x-canary":{"exact":"yes"}}}],"route":[{"destination":{"service":"reviews","subset":"v2"}}],"timeout":"2s"},
+        {"match":[{"path":{"regex":"/api/[0-9]+"},"method":["GET"]}],"route":[{"destination":{"service":"reviews","subset":"v1"}}]}]}}"#;
+    const I1: &str = r#"{"apiVersion":"trellis/v1","kind":"Instance","metadata":{"name":"r1","namespace":"default"},"spec":{"service":"reviews","address":"10.0.0.1","port":15006,"labels":{"version":"v1"}}}"#;
+    const I2: &str = r#"{"apiVersion":"trellis/v1","kind":"Instance","metadata":{"name":"r2","namespace":"default"},"spec":{"service":"reviews","address":"10.0.0.2","port":15006,"labels":{"version":"v2"},"health":"unhealthy"}}"#;
+
+    fn parts(method: &str, path: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = hyper::Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn forward<'a>(
+        cfg: &'a MeshConfig,
+        host: &'a str,
+        p: &Parts,
+    ) -> Result<Target<'a>, ProxyError> {
+        match decide(cfg, host, "default", p, &BTreeMap::new())? {
+            Decision::Forward(t) => Ok(t),
+            Decision::Degrade(_) => panic!("degrade"),
+        }
+    }
+
+    #[test]
+    fn rules_in_order_then_404_and_default_route() {
+        let cfg = config(&[SVC, DP, ROUTE, I1, I2]);
+        let t = forward(&cfg, "reviews", &parts("GET", "/x", &[("x-canary", "yes")])).unwrap();
+        assert_eq!((t.service, t.subset), ("reviews", Some("v2")));
+        assert_eq!(t.timeout, Duration::from_secs(2));
+        // v2's only instance is unhealthy.
+        let e = balance::endpoints(&cfg, &t).unwrap_err();
+        assert_eq!(e.to_string(), "no healthy endpoint for reviews/v2");
+
+        let t = forward(&cfg, "reviews.default:9080", &parts("GET", "/api/12", &[])).unwrap();
+        assert_eq!(t.subset, Some("v1"));
+        assert_eq!(t.timeout, DEFAULT_TIMEOUT.as_std());
+        let eps = balance::endpoints(&cfg, &t).unwrap();
+        assert_eq!(eps, vec!["10.0.0.1:15006".parse().unwrap()]);
+
+        let e = forward(&cfg, "reviews", &parts("POST", "/api/12", &[])).unwrap_err();
+        assert!(matches!(e, ProxyError::NoRuleMatched { .. }), "{e}");
+        let e = forward(&cfg, "ratings", &parts("GET", "/", &[])).unwrap_err();
+        assert_eq!(e.to_string(), "no route for host ratings");
+
+        // No Route: the Service's instances, healthy ones only.
+        let cfg = config(&[SVC, I1, I2]);
+        let t = forward(&cfg, "reviews", &parts("GET", "/", &[])).unwrap();
+        assert_eq!(t.subset, None);
+        assert_eq!(balance::endpoints(&cfg, &t).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(parse_host("reviews", "default"), ("reviews", "default"));
+        assert_eq!(
+            parse_host("reviews:9080", "default"),
+            ("reviews", "default")
+        );
+        assert_eq!(parse_host("reviews.shop", "default"), ("reviews", "shop"));
+        assert_eq!(
+            parse_host("reviews.shop:80", "default"),
+            ("reviews", "shop")
+        );
+    }
+
+    #[test]
+    fn string_matches() {
+        assert!(string_match(&StringMatch::Prefix("/a".into()), "/ab"));
+        assert!(string_match(
+            &StringMatch::Regex("/u/[0-9]+".into()),
+            "/u/12"
+        ));
+        assert!(!string_match(
+            &StringMatch::Regex("/u/[0-9]+".into()),
+            "/u/12/x"
+        ));
+        assert!(!string_match(&StringMatch::Exact("/a".into()), "/ab"));
+    }
+}
