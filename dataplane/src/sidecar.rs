@@ -39,7 +39,8 @@ use crate::disk;
 use crate::identity::{self, CurrentIdentity, IdentityContext, IdentityError};
 use crate::mesh::MeshConfig;
 use crate::proxy::{
-    self, balance::InFlight, upstream::Upstreams, Inbound, Metrics, Outbound, TlsSource,
+    self, balance::InFlight, retry::RetryBudgets, upstream::Upstreams, Inbound, Metrics, Outbound,
+    TlsSource,
 };
 use crate::shutdown::{self, ShutdownTrigger};
 use crate::transport::{self, Endpoints};
@@ -247,6 +248,7 @@ impl Sidecar {
             upstreams: Upstreams::new(Arc::clone(&tls)),
             tls: Arc::clone(&tls),
             metrics: Arc::clone(&metrics),
+            retry_budgets: RetryBudgets::default(),
         });
         // validate() checked app_addr.
         let app_addr = config

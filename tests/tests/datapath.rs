@@ -12,7 +12,10 @@
 //! * unknown host → 404, a subset without instances → 503, both with
 //!   `x-trellis-error` naming the cause;
 //! * B1's inbound refuses a client certificate from another CA, and a
-//!   client expecting another service's identity refuses B1.
+//!   client expecting another service's identity refuses B1;
+//! * a Route's `retries` against a backend failing with 503: `attempts`
+//!   bounds the tries, a small POST body is buffered and replayed, and
+//!   the DestinationPolicy's retry budget caps retries when all fail.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -616,5 +619,197 @@ async fn certificates_rotate_under_traffic() -> Result<()> {
         &[b"h2"],
     )?;
     ensure!(direct_to_inbound(b1.inbound_addr()?, cfg).await? == "v1");
+    Ok(())
+}
+
+const FLAKY_RESOURCES: &str = r#"
+apiVersion: trellis/v1
+kind: Service
+metadata: {name: flaky}
+spec:
+  ports: [{name: http, port: 8080, protocol: http}]
+---
+apiVersion: trellis/v1
+kind: DestinationPolicy
+metadata: {name: flaky}
+spec:
+  host: flaky
+  retryBudget: {percent: 10, minPerSecond: 1}
+---
+apiVersion: trellis/v1
+kind: Route
+metadata: {name: flaky}
+spec:
+  hosts: [flaky]
+  http:
+    - name: one
+      match: [{path: {prefix: /one}}]
+      route: [{destination: {service: flaky}}]
+      retries: {attempts: 1, retryOn: [5xx]}
+    - name: rest
+      route: [{destination: {service: flaky}}]
+      retries: {attempts: 2, retryOn: [gateway-error, connect-failure]}
+"#;
+
+/// Paths of the flaky backend, each with its own request counter.
+const FLAKY_PATHS: [&str; 4] = ["/two", "/one", "/post", "/always"];
+
+/// A backend that answers 503 to the first two requests of each path in
+/// `FLAKY_PATHS` (always on `/always`), then 200 with the request body.
+async fn flaky_backend(counts: Arc<[std::sync::atomic::AtomicUsize; 4]>) -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let counts = Arc::clone(&counts);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let counts = Arc::clone(&counts);
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let i = FLAKY_PATHS.iter().position(|p| *p == path);
+                        let n = i.map_or(0, |i| {
+                            counts[i].fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                        });
+                        let mut r = Response::new(http_body_util::Full::new(body));
+                        if n < 2 || path == "/always" {
+                            *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        Ok::<_, hyper::Error>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// One HTTP/2 request with a body through `send`; (status, headers, body).
+async fn h2_send(
+    send: &hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    method: &str,
+    path: &str,
+    body: &'static str,
+) -> Result<Answer> {
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://flaky{path}"))
+        .header("content-length", body.len())
+        .body(http_body_util::Full::new(Bytes::from(body)))?;
+    let mut send = send.clone();
+    send.ready().await?;
+    let resp = send.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).to_string();
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Retries end to end: a rule's `retries` re-send failed tries (bodies
+/// included, buffered), `attempts` bounds them, and the destination's retry
+/// budget caps them when everything fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_rule_and_the_budget() -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let c = Cluster::start_with(ClusterOptions {
+        tls: true,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let rev = apply(&c, FLAKY_RESOURCES).await?;
+    let counts: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
+    let count = |path: &str| {
+        let i = FLAKY_PATHS.iter().position(|p| *p == path).expect("path");
+        counts[i].load(Ordering::SeqCst)
+    };
+    let app = flaky_backend(Arc::clone(&counts)).await?;
+    let b = sidecar(
+        &c,
+        "flaky-1",
+        "flaky",
+        &[
+            "--app-addr".into(),
+            app.to_string(),
+            "--instance-address".into(),
+            "127.0.0.1".into(),
+        ],
+    )
+    .await?;
+    let a = sidecar(&c, "caller", "productpage", &[]).await?;
+    a.wait_dump(STEP, "config with the flaky instance", |d| {
+        d["revision"].as_u64().unwrap_or(0) >= rev
+            && d["identity"].is_string()
+            && d["resources"].as_array().is_some_and(|rs| {
+                rs.iter()
+                    .any(|r| r["kind"] == "Instance" && r["spec"]["service"] == "flaky")
+            })
+    })
+    .await?;
+    b.wait_dump(STEP, "identity", |d| d["identity"].is_string())
+        .await?;
+    let s = TcpStream::connect(a.outbound_addr()?).await?;
+    let (h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+
+    // attempts: 2 — two 503s, then 200: three requests at the backend.
+    let r = h2_send(&h2, "GET", "/two", "").await?;
+    ensure!(
+        r.status == 200,
+        "status {} {:?}\n{}",
+        r.status,
+        r.headers,
+        a.log_tail()
+    );
+    ensure!(count("/two") == 3, "backend saw {}", count("/two"));
+    ensure!(r.headers["x-trellis-retries"] == "2", "{:?}", r.headers);
+
+    // attempts: 1 — the second 503 is the answer, two requests seen.
+    let r = h2_send(&h2, "GET", "/one", "").await?;
+    ensure!(r.status == 503, "status {}", r.status);
+    ensure!(count("/one") == 2, "backend saw {}", count("/one"));
+    ensure!(r.headers["x-trellis-retries"] == "1", "{:?}", r.headers);
+
+    // A POST with a small body is buffered and retried with its body.
+    let r = h2_send(&h2, "POST", "/post", "order=42").await?;
+    ensure!(r.status == 200, "status {}", r.status);
+    ensure!(r.body == "order=42", "body {:?}", r.body);
+    ensure!(count("/post") == 3, "backend saw {}", count("/post"));
+
+    // Everything fails: 200 requests, retries capped by the budget
+    // (10 % of the window's requests + 1/s × 10 s), not 2 per request.
+    const N: usize = 200;
+    let results: Vec<Result<Answer>> = futures::stream::iter(0..N)
+        .map(|_| h2_send(&h2, "GET", "/always", ""))
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    for r in results {
+        let r = r?;
+        ensure!(r.status == 503, "status {}", r.status);
+    }
+    let retries = count("/always") - N;
+    // Requests in the window: at most these N and the 3 above (a request
+    // counts once, whatever its tries).
+    let cap = (N + 3) / 10 + 10;
+    eprintln!("budget: {retries} retries for {N} failing requests (cap {cap})");
+    ensure!(
+        retries <= cap && retries > 0,
+        "{retries} retries, cap {cap}"
+    );
+
+    let (_, m) = a.get("/metrics").await?;
+    ensure!(
+        m.contains("trellis_retries_total{destination=\"flaky/-\"}"),
+        "{m}"
+    );
     Ok(())
 }

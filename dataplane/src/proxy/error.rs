@@ -52,6 +52,10 @@ pub enum ProxyError {
         endpoint: String,
         reason: String,
     },
+    /// The caller's request body broke while it was being buffered for
+    /// retries ([`super::retry`]).
+    #[error("request body: {reason}")]
+    RequestBody { reason: String },
     /// This sidecar has no certificate yet (still joining).
     #[error("sidecar has no identity yet")]
     NoIdentity,
@@ -61,7 +65,7 @@ impl ProxyError {
     /// The HTTP status this error answers with.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoHost => StatusCode::BAD_REQUEST,
+            ProxyError::NoHost | ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute { .. } | ProxyError::NoRuleMatched { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyEndpoint { .. } | ProxyError::NoIdentity => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -76,7 +80,7 @@ impl ProxyError {
     /// DEADLINE_EXCEEDED, 400 INTERNAL).
     pub fn grpc_status(&self) -> u8 {
         match self {
-            ProxyError::NoHost => 13,
+            ProxyError::NoHost | ProxyError::RequestBody { .. } => 13,
             ProxyError::NoRoute { .. } | ProxyError::NoRuleMatched { .. } => 12,
             ProxyError::Timeout { .. } => 4,
             _ => 14,

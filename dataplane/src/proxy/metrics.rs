@@ -1,5 +1,6 @@
 //! Request counters for Prometheus (`GET /metrics` on the admin endpoint):
-//! `trellis_requests_total{direction,destination,code}`. A counter is an
+//! `trellis_requests_total{direction,destination,code}` and
+//! `trellis_retries_total{destination}`. A counter is an
 //! atomic found under a read lock (uncontended: one atomic operation); the
 //! write lock is taken only the first time a label set appears.
 
@@ -30,6 +31,7 @@ impl Direction {
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: RwLock<BTreeMap<(Direction, u16), BTreeMap<String, AtomicU64>>>,
+    retries: RwLock<BTreeMap<String, AtomicU64>>,
 }
 
 impl Metrics {
@@ -54,6 +56,21 @@ impl Metrics {
         }
     }
 
+    /// Counts one retry to `destination` (`service/subset`).
+    pub fn retry(&self, destination: &str) {
+        if let Ok(m) = self.retries.read() {
+            if let Some(c) = m.get(destination) {
+                c.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        if let Ok(mut m) = self.retries.write() {
+            m.entry(destination.to_string())
+                .or_default()
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Prometheus text format, with `trellis_config_revision`.
     pub fn render(&self, config_revision: u64) -> String {
         let mut out = String::new();
@@ -70,6 +87,18 @@ impl Metrics {
                     n.load(Ordering::Relaxed)
                 );
                 }
+            }
+        }
+        out.push_str("# HELP trellis_retries_total Retries sent by this sidecar.\n");
+        out.push_str("# TYPE trellis_retries_total counter\n");
+        if let Ok(m) = self.retries.read() {
+            for (dest, n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "trellis_retries_total{{destination=\"{}\"}} {}",
+                    escape(dest),
+                    n.load(Ordering::Relaxed)
+                );
             }
         }
         out.push_str("# HELP trellis_config_revision Revision of the applied mesh config.\n");
@@ -96,7 +125,9 @@ mod tests {
         m.request(Direction::Outbound, "reviews/v1", 200);
         m.request(Direction::Outbound, "reviews/v1", 200);
         m.request(Direction::Inbound, "reviews", 502);
+        m.retry("reviews/v1");
         let t = m.render(7);
+        assert!(t.contains("trellis_retries_total{destination=\"reviews/v1\"} 1\n"));
         assert!(t.contains(
             "trellis_requests_total{direction=\"outbound\",destination=\"reviews/v1\",code=\"200\"} 2"
         ));

@@ -15,7 +15,17 @@
 //!                  headers out, rule's request header ops (headers.rs)
 //!   7. upstream    pooled HTTP/2 over mTLS to the instance's sidecar; its
 //!                  SPIFFE ID must be ns/<ns>/svc/<service> (upstream.rs,
-//!                  tls.rs); the route timeout bounds 7 until headers arrive
+//!                  tls.rs); the route timeout bounds 7 (with 7a and its
+//!                  body buffering) until headers arrive
+//!   7a. retry      only with the rule's `retries` (retry.rs): before 7 a
+//!                  replayable body (empty, or known length <= 64 KiB) is
+//!                  buffered, others stream once and are never retried;
+//!                  every request counts toward the destination service's
+//!                  retry budget; a try failing on `retryOn` goes again
+//!                  (within `perTryTimeout` and what is left of the route
+//!                  timeout) to a fresh P2C pick avoiding the endpoints
+//!                  that failed, while `attempts` and the budget allow;
+//!                  otherwise the last failure stands (x-trellis-retries: N)
 //!   8. response    rule's response header ops; endpoint busy until the
 //!                  body ends
 //! peer sidecar ──HTTP/2 over mTLS──► inbound listener (inbound.rs)
@@ -35,6 +45,7 @@
 //! | [`balance`] | steps 4-5: endpoints of a subset, P2C with in-flight counts |
 //! | [`headers`] | hop-by-hop stripping, Route header ops |
 //! | [`upstream`] | step 7: the HTTP/2 mTLS connection pool |
+//! | [`retry`] | step 7a: retry conditions, replayable bodies, budgets |
 //! | [`tls`] | rustls configs from the current identity (rotation-safe) |
 //! | [`inbound`] | the inbound listener, steps 9-10 |
 //! | [`metrics`] | request counters for the admin `/metrics` |
@@ -48,6 +59,7 @@ pub mod headers;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod retry;
 pub mod route;
 pub mod tls;
 pub mod upstream;

@@ -7,10 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -20,12 +21,13 @@ use tokio::sync::watch;
 use tracing::Instrument;
 use trellis_identity::Identity;
 
-use super::balance::{self, InFlight};
+use super::balance::{self, InFlight, InFlightGuard};
 use super::body::{full, ProxyBody};
 use super::error::{is_grpc, ProxyError};
 use super::headers;
 use super::metrics::{Direction, Metrics};
-use super::route::{self, Decision};
+use super::retry::{self, Outcome, ReplayPlan, RetryBudgets};
+use super::route::{self, Decision, Target};
 use super::tls::TlsSource;
 use super::upstream::{UpstreamError, Upstreams};
 use crate::mesh::MeshConfig;
@@ -48,6 +50,8 @@ pub struct Outbound {
     pub tls: Arc<TlsSource>,
     /// Request counters.
     pub metrics: Arc<Metrics>,
+    /// Retry budgets per destination service.
+    pub retry_budgets: RetryBudgets,
 }
 
 /// Accepts on `listener` until `shutdown`.
@@ -105,13 +109,21 @@ impl Outbound {
         let span = tracing::debug_span!("outbound", method = %req.method(), host = %host, path = %req.uri().path());
         // The destination as metrics name it: the host until one is chosen.
         let mut destination = host.clone();
+        let mut retried = 0;
         let resp = match self
-            .forward(req, host, &mut destination)
+            .forward(req, host, &mut destination, &mut retried)
             .instrument(span)
             .await
         {
             Ok(r) => r,
-            Err(e) => e.into_response(grpc),
+            Err(e) => {
+                let mut r = e.into_response(grpc);
+                if retried > 0 {
+                    r.headers_mut()
+                        .insert(retry::RETRIES_HEADER, HeaderValue::from(retried));
+                }
+                r
+            }
         };
         self.metrics
             .request(Direction::Outbound, &destination, resp.status().as_u16());
@@ -123,6 +135,7 @@ impl Outbound {
         req: Request<Incoming>,
         host: String,
         destination: &mut String,
+        retried: &mut u32,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if host.is_empty() {
             return Err(ProxyError::NoHost);
@@ -172,51 +185,152 @@ impl Outbound {
         if let Some(ops) = target.headers.and_then(|h| h.request.as_ref()) {
             headers::apply(ops, &mut parts.headers);
         }
-        let upstream_req = Request::from_parts(parts, body.boxed());
-
-        let sent = tokio::time::timeout(
-            target.timeout,
-            self.upstreams.send(ep, &expected, upstream_req),
-        )
-        .await;
-        let resp = match sent {
-            Err(_) => {
-                return Err(ProxyError::Timeout {
-                    service: target.service.to_string(),
-                    subset: subset.to_string(),
-                    timeout_ms: target.timeout.as_millis() as u64,
-                })
+        // Retries (retry.rs): a replayable body is buffered first; the
+        // budget counts every request to the destination service.
+        let budget_key = format!("{}/{}", target.namespace, target.service);
+        self.retry_budgets.deposit(&budget_key);
+        let policy = target.retries.filter(|p| p.attempts > 0);
+        // The route timeout also bounds reading a body to buffer.
+        let deadline = tokio::time::Instant::now() + target.timeout;
+        let (mut once, replay) = match policy {
+            Some(_)
+                if retry::replay_plan(
+                    &parts.method,
+                    body.is_end_stream(),
+                    body.size_hint().exact(),
+                ) == ReplayPlan::Buffer =>
+            {
+                let read = tokio::time::timeout_at(deadline, retry::buffer(body))
+                    .await
+                    .map_err(|_| ProxyError::RequestBody {
+                        reason: "timed out".into(),
+                    })??;
+                (None, Some(read))
             }
-            Ok(Err(UpstreamError::Connect(reason))) => {
-                return Err(ProxyError::Connect {
-                    service: target.service.to_string(),
-                    subset: subset.to_string(),
-                    endpoint: ep.to_string(),
-                    reason,
-                })
-            }
-            Ok(Err(UpstreamError::Reset(reason))) => {
-                return Err(ProxyError::Reset {
-                    service: target.service.to_string(),
-                    subset: subset.to_string(),
-                    endpoint: ep.to_string(),
-                    reason,
-                })
-            }
-            Ok(Ok(r)) => r,
+            _ => (Some(body.boxed()), None),
         };
+        let budget = cfg
+            .destination_policy(target.namespace, target.service)
+            .and_then(|(_, p)| p.retry_budget.as_ref());
+        let mut ep = ep;
+        let mut guard = guard;
+        let mut failed: Vec<SocketAddr> = Vec::new();
+        let mut retries: u32 = 0;
+        loop {
+            let body = match &replay {
+                Some(b) => full(b.clone()),
+                None => once.take().unwrap_or_else(|| full(Bytes::new())),
+            };
+            let upstream_req = Request::from_parts(parts.clone(), body);
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let per_try = policy
+                .and_then(|p| p.per_try_timeout)
+                .map_or(remaining, |t| t.as_std().min(remaining));
+            let sent =
+                tokio::time::timeout(per_try, self.upstreams.send(ep, &expected, upstream_req))
+                    .await;
+            let (outcome, result) = match sent {
+                Err(_) => {
+                    // The rule's deadline, or only this try's.
+                    let overall = per_try >= remaining;
+                    let timeout = if overall { target.timeout } else { per_try };
+                    let err = ProxyError::Timeout {
+                        service: target.service.to_string(),
+                        subset: subset.to_string(),
+                        timeout_ms: timeout.as_millis() as u64,
+                    };
+                    if overall {
+                        *retried = retries;
+                        return Err(err);
+                    }
+                    (Outcome::Timeout, Err(err))
+                }
+                Ok(Err(UpstreamError::Connect(reason))) => (
+                    Outcome::ConnectFailure,
+                    Err(ProxyError::Connect {
+                        service: target.service.to_string(),
+                        subset: subset.to_string(),
+                        endpoint: ep.to_string(),
+                        reason,
+                    }),
+                ),
+                Ok(Err(e @ (UpstreamError::Reset(_) | UpstreamError::Refused(_)))) => (
+                    Outcome::Reset {
+                        refused: matches!(e, UpstreamError::Refused(_)),
+                    },
+                    Err(ProxyError::Reset {
+                        service: target.service.to_string(),
+                        subset: subset.to_string(),
+                        endpoint: ep.to_string(),
+                        reason: e.to_string(),
+                    }),
+                ),
+                Ok(Ok(r)) => (
+                    Outcome::of_response(r.status().as_u16(), r.headers()),
+                    Ok(r),
+                ),
+            };
+            let again = match policy {
+                Some(p) if replay.is_some() && retries < p.attempts => {
+                    retry::should_retry(p.effective_retry_on(), outcome)
+                        && tokio::time::Instant::now() < deadline
+                        && self.retry_budgets.withdraw(&budget_key, budget)
+                }
+                _ => false,
+            };
+            if !again {
+                *retried = retries;
+                let resp = result?;
+                return Ok(self.respond(resp, &target, guard, retries));
+            }
+            retries += 1;
+            self.metrics.retry(destination);
+            tracing::debug!(endpoint = %ep, ?outcome, retries, "retrying");
+            // A fresh pick, away from the endpoints that failed when
+            // there are others.
+            failed.push(ep);
+            drop(result);
+            let fresh: Vec<SocketAddr> = endpoints
+                .iter()
+                .copied()
+                .filter(|e| !failed.contains(e))
+                .collect();
+            let candidates = if fresh.is_empty() { &endpoints } else { &fresh };
+            (ep, guard) =
+                self.inflight
+                    .pick(candidates)
+                    .ok_or_else(|| ProxyError::NoHealthyEndpoint {
+                        service: target.service.to_string(),
+                        subset: subset.to_string(),
+                    })?;
+        }
+    }
+
+    /// Step 8: the rule's response header ops; the endpoint stays busy
+    /// until the body is done.
+    fn respond(
+        &self,
+        resp: Response<Incoming>,
+        target: &Target<'_>,
+        guard: InFlightGuard,
+        retries: u32,
+    ) -> Response<ProxyBody> {
         let (mut rparts, rbody) = resp.into_parts();
         if let Some(ops) = target.headers.and_then(|h| h.response.as_ref()) {
             headers::apply(ops, &mut rparts.headers);
         }
-        // The endpoint counts as busy until the body is done.
+        if retries > 0 {
+            rparts
+                .headers
+                .insert(retry::RETRIES_HEADER, HeaderValue::from(retries));
+        }
         let body = rbody
             .map_frame(move |f| {
                 let _ = &guard;
                 f
             })
             .boxed();
-        Ok(Response::from_parts(rparts, body))
+        Response::from_parts(rparts, body)
     }
 }
 

@@ -18,7 +18,9 @@ use std::time::Duration;
 use hyper::http::request::Parts;
 use regex::Regex;
 use trellis_resources::matching::{compile_regex, HeaderMatch, StringMatch};
-use trellis_resources::route::{Degrade, HeaderOperations, HttpMatch, DEFAULT_TIMEOUT};
+use trellis_resources::route::{
+    Degrade, HeaderOperations, HttpMatch, RetryPolicy, DEFAULT_TIMEOUT,
+};
 
 use super::error::ProxyError;
 use crate::mesh::MeshConfig;
@@ -36,6 +38,8 @@ pub struct Target<'a> {
     pub timeout: Duration,
     /// Header edits of the rule.
     pub headers: Option<&'a HeaderOperations>,
+    /// The rule's retry policy (none: one try).
+    pub retries: Option<&'a RetryPolicy>,
 }
 
 /// What to do with a request.
@@ -106,6 +110,7 @@ pub fn decide<'a>(
                 subset: dest.destination.subset.as_deref(),
                 timeout: rule.timeout.as_std(),
                 headers: rule.headers.as_ref(),
+                retries: rule.retries.as_ref(),
             }));
         }
     }
@@ -121,6 +126,7 @@ pub fn decide<'a>(
             subset: None,
             timeout: DEFAULT_TIMEOUT.as_std(),
             headers: None,
+            retries: None,
         })),
         None => Err(ProxyError::NoRoute {
             host: host.to_string(),

@@ -36,6 +36,29 @@ pub enum UpstreamError {
     /// The connection or stream failed after the request was sent.
     #[error("{0}")]
     Reset(String),
+    /// The peer refused the stream (HTTP/2 REFUSED_STREAM): it did not
+    /// process the request.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The error of a sent request: [`UpstreamError::Refused`] when any cause
+/// in the chain is an HTTP/2 REFUSED_STREAM, else [`UpstreamError::Reset`].
+fn sent_error(e: hyper::Error) -> UpstreamError {
+    let mut text = e.to_string();
+    let mut refused = false;
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let t = c.to_string();
+        refused |= t.contains("refused stream") || t.contains("REFUSED_STREAM");
+        text = format!("{text}: {t}");
+        cause = c.source();
+    }
+    if refused {
+        UpstreamError::Refused(text)
+    } else {
+        UpstreamError::Reset(text)
+    }
 }
 
 type Key = (SocketAddr, String);
@@ -151,9 +174,6 @@ impl Upstreams {
                 .await
                 .map_err(|e| UpstreamError::Connect(format!("connection closed: {e}")))?;
         }
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| UpstreamError::Reset(e.to_string()))
+        sender.send_request(req).await.map_err(sent_error)
     }
 }
