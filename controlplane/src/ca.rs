@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use trellis_identity::{Ca, Identity, Issued, JoinToken};
 use trellis_proto::admin as pb;
-use trellis_proto::admin::lease_server::Lease as _;
 use trellis_raft_store::{Command, Outcome};
 
 use crate::error::ApiError;
@@ -127,26 +126,10 @@ pub async fn get_ca(node: &Node) -> Result<(String, String), ApiError> {
     Ok((ca.cert_pem().to_string(), ca.trust_domain().to_string()))
 }
 
-/// Grant a lease of `ttl_ms` through the Lease service (which forwards to
-/// the leader and arms its deadline there).
-async fn grant_lease(node: &Arc<Node>, ttl_ms: u64) -> Result<u64, ApiError> {
-    let svc = crate::api::lease::LeaseService::new(node.clone());
-    let resp = svc
-        .grant(tonic::Request::new(pb::LeaseGrantRequest { id: 0, ttl_ms }))
-        .await
-        .map_err(ApiError::Remote)?;
-    Ok(resp.into_inner().id)
-}
-
-/// Check a DNS-label-like name (namespace, service).
+/// Check a namespace or service name: the resources' DNS-label rule, so a
+/// token can only name what the registry can hold.
 fn check_name(field: &str, v: &str) -> Result<(), ApiError> {
-    let ok = !v.is_empty()
-        && v.len() <= 63
-        && v.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !v.starts_with('-')
-        && !v.ends_with('-');
-    if ok {
+    if trellis_resources::validate::is_dns_label(v) {
         Ok(())
     } else {
         Err(ApiError::invalid(
@@ -192,7 +175,7 @@ pub async fn create_token(
         expires_unix_ms: now + ttl_ms,
         description: r.description,
     };
-    let lease = grant_lease(node, ttl_ms).await?;
+    let lease = crate::api::lease::local::grant(node, ttl_ms).await?;
     let value = serde_json::to_vec(&record).map_err(|e| ApiError::internal("encode token", e))?;
     let resp = node
         .propose(Command::Put {
@@ -355,7 +338,7 @@ async fn issue(
             crate::leases::MIN_LEASE_TTL_MS,
             crate::leases::MAX_LEASE_TTL_MS,
         );
-    let lease = grant_lease(node, ttl_ms).await?;
+    let lease = crate::api::lease::local::grant(node, ttl_ms).await?;
     let value =
         serde_json::to_vec(&record).map_err(|e| ApiError::internal("encode cert record", e))?;
     node.propose(Command::Put {

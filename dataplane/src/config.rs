@@ -227,15 +227,8 @@ fn is_host_port(s: &str) -> bool {
     port_ok && host_ok
 }
 
-/// DNS-1123 label: 1..=63 of `[a-z0-9-]`, starting and ending alphanumeric.
-pub(crate) fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
+/// DNS-1123 label: the rule the registry applies to the same names.
+pub(crate) use trellis_resources::validate::is_dns_label;
 
 impl SidecarConfig {
     /// Load a TOML file (unknown fields are errors); not yet validated.

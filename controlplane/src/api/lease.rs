@@ -223,3 +223,44 @@ impl LeaseApi for LeaseService {
         }
     }
 }
+
+/// Lease calls made inside the control plane (join records, sidecar
+/// registrations): through the `Lease` service itself, so they forward to
+/// the leader and arm its deadlines exactly as a client's calls do.
+pub(crate) mod local {
+    use std::sync::Arc;
+
+    use trellis_proto::admin as pb;
+    use trellis_proto::admin::lease_server::Lease as _;
+
+    use super::LeaseService;
+    use crate::error::ApiError;
+    use crate::node::Node;
+
+    /// Grant a new lease of `ttl_ms`; returns its id.
+    pub async fn grant(node: &Arc<Node>, ttl_ms: u64) -> Result<u64, ApiError> {
+        LeaseService::new(node.clone())
+            .grant(tonic::Request::new(pb::LeaseGrantRequest { id: 0, ttl_ms }))
+            .await
+            .map(|r| r.into_inner().id)
+            .map_err(ApiError::Remote)
+    }
+
+    /// Keep lease `id` alive; returns its TTL.
+    pub async fn keep_alive(node: &Arc<Node>, id: u64) -> Result<u64, ApiError> {
+        LeaseService::new(node.clone())
+            .keep_alive(tonic::Request::new(pb::LeaseKeepAliveRequest { id }))
+            .await
+            .map(|r| r.into_inner().ttl_ms)
+            .map_err(ApiError::Remote)
+    }
+
+    /// Revoke lease `id` (and delete its keys).
+    pub async fn revoke(node: &Arc<Node>, id: u64) -> Result<(), ApiError> {
+        LeaseService::new(node.clone())
+            .revoke(tonic::Request::new(pb::LeaseRevokeRequest { id }))
+            .await
+            .map(|_| ())
+            .map_err(ApiError::Remote)
+    }
+}

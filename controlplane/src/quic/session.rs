@@ -17,15 +17,13 @@ use std::sync::Arc;
 
 use quinn::{RecvStream, SendStream};
 use trellis_identity::Identity;
-use trellis_proto::admin as pb;
-use trellis_proto::admin::lease_server::Lease as _;
 use trellis_proto::frame::{read_frame, write_frame};
 use trellis_proto::sidecar as sc;
 use trellis_raft_store::{Command, Compare, CompareOp, CompareTarget, Outcome, TxnOp};
 use trellis_resources::{InstanceSpec, Metadata, Resource, Spec};
 
 use super::registry::SidecarRegistry;
-use crate::api::lease::LeaseService;
+use crate::api::lease::local;
 use crate::error::ApiError;
 use crate::node::Node;
 use crate::system::now_unix_ms;
@@ -88,22 +86,6 @@ fn instance_resource(
     Ok(resource)
 }
 
-async fn keep_alive(node: &Arc<Node>, lease: u64) -> Result<u64, ApiError> {
-    LeaseService::new(node.clone())
-        .keep_alive(tonic::Request::new(pb::LeaseKeepAliveRequest { id: lease }))
-        .await
-        .map(|r| r.into_inner().ttl_ms)
-        .map_err(ApiError::Remote)
-}
-
-async fn grant(node: &Arc<Node>, ttl_ms: u64) -> Result<u64, ApiError> {
-    LeaseService::new(node.clone())
-        .grant(tonic::Request::new(pb::LeaseGrantRequest { id: 0, ttl_ms }))
-        .await
-        .map(|r| r.into_inner().id)
-        .map_err(ApiError::Remote)
-}
-
 /// The service an Instance value registers (`None` if it does not parse).
 fn instance_service(value: &[u8]) -> Option<String> {
     match Resource::from_json(value).ok()?.spec {
@@ -150,7 +132,7 @@ async fn register(
         Ok(held.is_some_and(|(_, keys)| keys == [key.clone()]))
     };
     let resumed = if req.resume_lease_id != 0 && owned(req.resume_lease_id)? {
-        match keep_alive(node, req.resume_lease_id).await {
+        match local::keep_alive(node, req.resume_lease_id).await {
             Ok(_) => Some(req.resume_lease_id),
             Err(e) if e.to_sidecar().code == sc::error::Code::NotFound as i32 => None,
             Err(e) => return Err(e),
@@ -160,7 +142,7 @@ async fn register(
     };
     let lease = match resumed {
         Some(l) => l,
-        None => grant(node, ttl_ms).await?,
+        None => local::grant(node, ttl_ms).await?,
     };
     // Unchanged registration under the same lease: nothing to write.
     if current
@@ -279,10 +261,7 @@ pub async fn serve(
         });
         if update.goodbye {
             if lease != 0 {
-                crate::api::lease::LeaseService::new(node.clone())
-                    .revoke(tonic::Request::new(pb::LeaseRevokeRequest { id: lease }))
-                    .await
-                    .map_err(ApiError::Remote)?;
+                local::revoke(node, lease).await?;
             }
             tracing::info!(%spiffe_id, %instance_key, "session closed by the sidecar (deregistered)");
             send(
@@ -302,7 +281,7 @@ pub async fn serve(
             node.linearize().await?;
             0
         } else {
-            keep_alive(node, lease).await?
+            local::keep_alive(node, lease).await?
         };
         send(
             tx,
