@@ -245,3 +245,72 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
+
+/// Applies `content` (YAML documents) through node 1's resource API;
+/// returns the revision of the write.
+pub async fn apply(c: &crate::Cluster, content: &str) -> Result<u64> {
+    let r = c
+        .resources_client(1)
+        .apply(trellis_proto::admin::ApplyRequest {
+            documents: vec![trellis_proto::admin::SourceDocument {
+                source: "test.yaml".into(),
+                content: content.into(),
+            }],
+            dry_run: false,
+            expected_revision: None,
+            lease: 0,
+        })
+        .await?
+        .into_inner();
+    Ok(r.revision)
+}
+
+/// Starts a sidecar named `name` for `service` in namespace `default`
+/// against the TLS cluster `c`: a fresh join token, the cluster's seeds and
+/// CA, data under `<cluster dir>/<name>`, log at `<cluster dir>/<name>.log`;
+/// `extra` flags are appended (e.g. `--app-addr`, `--instance-address`).
+pub async fn sidecar(
+    c: &crate::Cluster,
+    name: &str,
+    service: &str,
+    extra: &[String],
+) -> Result<SidecarProc> {
+    let token = c
+        .identity_client(1)
+        .create_token(trellis_proto::admin::CreateTokenRequest {
+            namespace: "default".into(),
+            service: service.into(),
+            ttl_ms: 0,
+            description: name.into(),
+        })
+        .await?
+        .into_inner()
+        .token;
+    let pki = c
+        .pki()
+        .context("the cluster has no PKI (start it with tls: true)")?;
+    let mut args: Vec<String> = [
+        "--seeds",
+        &c.quic_seeds(),
+        "--ca-file",
+        &pki.ca_file.display().to_string(),
+        "--join-token",
+        &token,
+        "--name",
+        name,
+        "--namespace",
+        "default",
+        "--service",
+        service,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().cloned());
+    SidecarProc::spawn(
+        c.dir().join(name),
+        c.dir().join(format!("{name}.log")),
+        args,
+    )
+    .await
+}

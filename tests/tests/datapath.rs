@@ -32,8 +32,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use trellis_identity::{Ca, Identity};
-use trellis_proto::admin::{ApplyRequest, CreateTokenRequest, SourceDocument};
-use trellis_tests::sidecar::SidecarProc;
+use trellis_tests::sidecar::{apply, sidecar};
 use trellis_tests::{Cluster, ClusterOptions};
 
 const STEP: Duration = Duration::from_secs(30);
@@ -89,23 +88,6 @@ spec:
     )
 }
 
-async fn apply(c: &Cluster, content: &str) -> Result<u64> {
-    let r = c
-        .resources_client(1)
-        .apply(ApplyRequest {
-            documents: vec![SourceDocument {
-                source: "datapath.yaml".into(),
-                content: content.into(),
-            }],
-            dry_run: false,
-            expected_revision: None,
-            lease: 0,
-        })
-        .await?
-        .into_inner();
-    Ok(r.revision)
-}
-
 /// A backend answering every request with its name; it echoes what it saw
 /// (`Host`, `x-trellis-source`, HTTP version) in response headers.
 async fn backend(name: &'static str) -> Result<SocketAddr> {
@@ -145,45 +127,6 @@ async fn backend(name: &'static str) -> Result<SocketAddr> {
         }
     });
     Ok(addr)
-}
-
-async fn sidecar(c: &Cluster, name: &str, service: &str, extra: &[String]) -> Result<SidecarProc> {
-    let token = c
-        .identity_client(1)
-        .create_token(CreateTokenRequest {
-            namespace: "default".into(),
-            service: service.into(),
-            ttl_ms: 0,
-            description: name.into(),
-        })
-        .await?
-        .into_inner()
-        .token;
-    let pki = c.pki().context("pki")?;
-    let mut args: Vec<String> = [
-        "--seeds",
-        &c.quic_seeds(),
-        "--ca-file",
-        &pki.ca_file.display().to_string(),
-        "--join-token",
-        &token,
-        "--name",
-        name,
-        "--namespace",
-        "default",
-        "--service",
-        service,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().cloned());
-    SidecarProc::spawn(
-        c.dir().join(name),
-        c.dir().join(format!("{name}.log")),
-        args,
-    )
-    .await
 }
 
 fn reviews_instances(d: &Value) -> usize {
