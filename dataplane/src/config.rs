@@ -51,6 +51,13 @@ pub const DEFAULT_APP_ADDR: &str = "127.0.0.1:9080";
 /// Watch the whole mesh: a sidecar needs services, routes and policies of
 /// any namespace it may call.
 pub const DEFAULT_WATCH_PREFIX: &str = "/";
+/// How long in-flight requests and connections get to finish at shutdown
+/// (SIGTERM) after the listeners stop accepting: well inside Kubernetes'
+/// default 30 s termination grace, long enough for ordinary requests.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// Largest drain deadline: shutdown must not hang for hours.
+pub const MAX_DRAIN_TIMEOUT_MS: u64 = 600_000;
+
 /// Lease TTL of the registered instance: keepalives go every ttl/3, so
 /// 10 s tolerates two lost keepalives plus a control-plane failover (≤ 1 s)
 /// before a healthy instance could expire, while a dead sidecar's instance
@@ -103,6 +110,39 @@ pub struct InstanceConfig {
     pub weight: u32,
 }
 
+/// One dedicated outbound TCP listener (`[[tcp_forward]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpForwardConfig {
+    /// Listen address (`IP:port`; loopback unless the app is elsewhere).
+    pub listen: String,
+    /// Destination service: `svc` (this namespace) or `svc.ns`.
+    pub service: String,
+    /// Destination service port (selects the Route's `tcp` rule).
+    pub port: u16,
+}
+
+impl TcpForwardConfig {
+    /// Parses the flag form `LISTEN=SERVICE:PORT`
+    /// (`127.0.0.1:15432=db:5432`).
+    pub fn parse_flag(s: &str) -> Result<TcpForwardConfig, String> {
+        let (listen, to) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?} is not LISTEN=SERVICE:PORT"))?;
+        let (service, port) = to
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{to:?} is not SERVICE:PORT"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("{port:?} is not a port number"))?;
+        Ok(TcpForwardConfig {
+            listen: listen.to_string(),
+            service: service.to_string(),
+            port,
+        })
+    }
+}
+
 /// Everything the sidecar's control-plane side needs to start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -139,8 +179,19 @@ pub struct SidecarConfig {
     /// Where peer sidecars connect (mutual TLS, HTTP/2); port 0 picks a
     /// free port (written to `<data_dir>/inbound.addr`).
     pub inbound_addr: String,
-    /// The local application inbound requests are forwarded to (HTTP/1.1).
+    /// The local application inbound requests are forwarded to (HTTP/1.1
+    /// or HTTP/2, as the caller sent them; TCP tunnels too).
     pub app_addr: String,
+    /// Dedicated outbound TCP listeners ("protocol conversion" for opaque
+    /// TCP): every connection to `listen` goes to `service` (`svc` or
+    /// `svc.ns`) on `port`, through the sidecar pair.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_forward: Vec<TcpForwardConfig>,
+    /// JSON access log: a file path (appended to), `-` for stdout, absent
+    /// for none.
+    pub access_log: Option<String>,
+    /// Drain deadline at shutdown (ms), see [`DEFAULT_DRAIN_TIMEOUT_MS`].
+    pub drain_timeout_ms: u64,
     /// The instance to register; absent for a client-only sidecar.
     pub instance: Option<InstanceConfig>,
     /// Lease TTL of the registration (ms).
@@ -173,6 +224,9 @@ impl Default for SidecarConfig {
             outbound_addr: DEFAULT_OUTBOUND_ADDR.to_string(),
             inbound_addr: DEFAULT_INBOUND_ADDR.to_string(),
             app_addr: DEFAULT_APP_ADDR.to_string(),
+            tcp_forward: Vec::new(),
+            access_log: None,
+            drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
             instance: None,
             lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
             reconnect_base_ms: DEFAULT_RECONNECT_BASE_MS,
@@ -396,6 +450,44 @@ impl SidecarConfig {
                     ));
                 }
             }
+        }
+        for (i, f) in self.tcp_forward.iter().enumerate() {
+            let field = |x: &str| format!("tcp_forward[{i}].{x}");
+            if let Err(e) = f.listen.parse::<SocketAddr>() {
+                return Err(invalid(
+                    field("listen"),
+                    format!("{:?} is not IP:port ({e})", f.listen),
+                ));
+            }
+            let mut parts = f.service.splitn(2, '.');
+            let ok =
+                parts.next().is_some_and(is_dns_label) && parts.next().is_none_or(is_dns_label);
+            if !ok {
+                return Err(invalid(
+                    field("service"),
+                    format!("{:?} is not `svc` or `svc.ns`", f.service),
+                ));
+            }
+            if f.port == 0 {
+                return Err(invalid(field("port"), "must be in 1..=65535"));
+            }
+        }
+        if let Some(a) = &self.access_log {
+            if a.is_empty() {
+                return Err(invalid(
+                    "access_log",
+                    "empty; use a file path or - for stdout",
+                ));
+            }
+        }
+        if !(1..=MAX_DRAIN_TIMEOUT_MS).contains(&self.drain_timeout_ms) {
+            return Err(invalid(
+                "drain_timeout_ms",
+                format!(
+                    "must be in 1..={MAX_DRAIN_TIMEOUT_MS}, got {}",
+                    self.drain_timeout_ms
+                ),
+            ));
         }
         if !self.watch_prefix.starts_with('/') {
             return Err(invalid(

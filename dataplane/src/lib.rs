@@ -49,6 +49,7 @@ pub mod config;
 pub mod control;
 pub mod disk;
 pub mod identity;
+pub mod iptables;
 pub mod mesh;
 pub mod proxy;
 pub mod session;

@@ -4,6 +4,11 @@
 //! ([`trellis_dataplane::run`]) until SIGTERM or Ctrl-C, then says goodbye
 //! to the control plane. Exit 1 if it cannot run (e.g. the join was
 //! refused).
+//!
+//! `trellis-sidecar iptables`: prints the NAT rules for transparent
+//! interception ([`trellis_dataplane::iptables`]) as shell lines to review;
+//! `--apply` installs them (replacing earlier ones), `--cleanup` removes
+//! them. Exit 2 on invalid options, 1 when iptables fails.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,9 +29,67 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once at start-up; boxing `RunArgs` would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the sidecar.
     Run(RunArgs),
+    /// Print (or --apply / --cleanup) the iptables NAT rules that send the
+    /// app's TCP through the sidecar.
+    Iptables(IptablesArgs),
+}
+
+/// Comma-separated lists, parsed whole (an alias, so clap takes one value).
+type PortList = Vec<u16>;
+type CidrList = Vec<trellis_dataplane::iptables::Cidr>;
+
+/// `trellis-sidecar iptables`; see `trellis_dataplane::iptables`.
+#[derive(Args, Debug)]
+struct IptablesArgs {
+    /// Install the rules (as root), replacing earlier ones; without it the
+    /// commands are only printed.
+    #[arg(long, conflicts_with = "cleanup")]
+    apply: bool,
+    /// Remove every rule and chain an earlier --apply installed.
+    #[arg(long)]
+    cleanup: bool,
+    /// The uid the sidecar runs as (required): its traffic is never
+    /// redirected.
+    #[arg(long)]
+    proxy_uid: Option<u32>,
+    /// Also never redirect traffic of this gid.
+    #[arg(long)]
+    proxy_gid: Option<u32>,
+    /// The sidecar's outbound listener port.
+    #[arg(long, default_value_t = trellis_dataplane::iptables::DEFAULT_OUTBOUND_PORT)]
+    outbound_port: u16,
+    /// The sidecar's inbound listener port.
+    #[arg(long, default_value_t = trellis_dataplane::iptables::DEFAULT_INBOUND_PORT)]
+    inbound_port: u16,
+    /// Inbound ports to capture: a list (9080,9443) or '*' for all but
+    /// --exclude-inbound-ports; default none.
+    #[arg(long, value_name = "LIST|*", default_value = "", hide_default_value = true,
+          value_parser = str::parse::<trellis_dataplane::iptables::InboundPorts>)]
+    inbound_ports: trellis_dataplane::iptables::InboundPorts,
+    /// With --inbound-ports '*': ports not captured (e.g. 22).
+    #[arg(long, value_name = "LIST", default_value = "", hide_default_value = true,
+          value_parser = trellis_dataplane::iptables::parse_ports)]
+    exclude_inbound_ports: PortList,
+    /// Destination ports the app reaches directly.
+    #[arg(long, value_name = "LIST", default_value = "", hide_default_value = true,
+          value_parser = trellis_dataplane::iptables::parse_ports)]
+    exclude_outbound_ports: PortList,
+    /// Destination networks the app reaches directly (a.b.c.d/n, ...).
+    #[arg(long, value_name = "LIST", default_value = "", hide_default_value = true,
+          value_parser = trellis_dataplane::iptables::parse_cidrs)]
+    exclude_outbound_cidrs: CidrList,
+    /// Only redirect these destination networks (default: all).
+    #[arg(long, value_name = "LIST", default_value = "", hide_default_value = true,
+          value_parser = trellis_dataplane::iptables::parse_cidrs)]
+    include_outbound_cidrs: CidrList,
+    /// Program ip6tables too.
+    #[arg(long)]
+    ipv6: bool,
 }
 
 #[derive(Args, Debug)]
@@ -75,6 +138,16 @@ struct RunArgs {
     /// The local application inbound requests go to (IP:port).
     #[arg(long)]
     app_addr: Option<String>,
+    /// A dedicated outbound TCP listener (repeatable):
+    /// LISTEN=SERVICE:PORT, e.g. 127.0.0.1:15432=db:5432.
+    #[arg(long = "tcp-forward", value_parser = trellis_dataplane::config::TcpForwardConfig::parse_flag)]
+    tcp_forward: Vec<trellis_dataplane::config::TcpForwardConfig>,
+    /// JSON access log: a file path, or - for stdout.
+    #[arg(long)]
+    access_log: Option<String>,
+    /// Drain deadline at shutdown (ms).
+    #[arg(long)]
+    drain_timeout_ms: Option<u64>,
     /// Register an instance with this name (default: the sidecar's name).
     #[arg(long)]
     instance_name: Option<String>,
@@ -157,6 +230,11 @@ fn build_config(args: RunArgs) -> Result<SidecarConfig, String> {
     set!(outbound_addr <- args.outbound_addr);
     set!(inbound_addr <- args.inbound_addr);
     set!(app_addr <- args.app_addr);
+    c.tcp_forward.extend(args.tcp_forward);
+    if args.access_log.is_some() {
+        c.access_log = args.access_log;
+    }
+    set!(drain_timeout_ms <- args.drain_timeout_ms);
     set!(lease_ttl_ms <- args.lease_ttl_ms);
     set!(reconnect_base_ms <- args.reconnect_base_ms);
     set!(reconnect_max_ms <- args.reconnect_max_ms);
@@ -210,8 +288,64 @@ async fn wait_for_signal() {
     tracing::info!("shutdown requested");
 }
 
+/// `trellis-sidecar iptables`: print, apply or clean up.
+fn iptables(args: IptablesArgs) -> ExitCode {
+    use trellis_dataplane::iptables as ipt;
+    init_logging();
+    if args.cleanup {
+        return match ipt::cleanup() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trellis-sidecar iptables: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
+    let opts = ipt::IptablesOptions {
+        proxy_uid: args.proxy_uid,
+        proxy_gid: args.proxy_gid,
+        outbound_port: args.outbound_port,
+        inbound_port: args.inbound_port,
+        inbound_ports: args.inbound_ports,
+        exclude_inbound_ports: args.exclude_inbound_ports,
+        exclude_outbound_ports: args.exclude_outbound_ports,
+        exclude_outbound_cidrs: args.exclude_outbound_cidrs,
+        include_outbound_cidrs: args.include_outbound_cidrs,
+        ipv6: args.ipv6,
+    };
+    let result = opts.validate().and_then(|()| {
+        if args.apply {
+            ipt::apply(&opts)
+        } else {
+            for argv in ipt::rules(&opts) {
+                println!("{}", ipt::shell_line(&argv));
+            }
+            Ok(())
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellis-sidecar iptables: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn main() -> ExitCode {
-    let Command::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Iptables(args) => return iptables(args),
+    };
     let config = match build_config(args) {
         Ok(c) => c,
         Err(e) => {

@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use trellis_proto::sidecar::KeyValue;
+use trellis_resources::service::Protocol;
 use trellis_resources::{
     parse_key, AccessPolicySpec, DestinationPolicySpec, InstanceSpec, Kind, QuotaSpec, Resource,
     RouteSpec, ServiceSpec, Spec,
@@ -237,6 +238,31 @@ impl MeshConfig {
             Spec::Service(s) => Some((r, s)),
             _ => None,
         }
+    }
+
+    /// The one Service in `ns` that declares `port`, with that port's
+    /// protocol: how an intercepted connection's original destination port
+    /// names its service. `None` if no Service, or more than one, declares
+    /// the port (then the port alone cannot say which).
+    pub fn service_for_port(&self, ns: &str, port: u16) -> Option<(&str, Protocol)> {
+        let mut found = None;
+        for r in self.services.get(ns)?.values() {
+            let Spec::Service(s) = &r.spec else { continue };
+            if let Some(p) = s.ports.iter().find(|p| p.port == port) {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some((r.metadata.name.as_str(), p.protocol));
+            }
+        }
+        found
+    }
+
+    /// Every namespace and service name with registered instances.
+    pub fn services_with_instances(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.instances
+            .iter()
+            .flat_map(|(ns, m)| m.keys().map(move |svc| (ns.as_str(), svc.as_str())))
     }
 
     /// The registered instances of service `ns/service`, in key order.

@@ -38,8 +38,11 @@ use crate::control::{ControlPlane, ControlStatus};
 use crate::disk;
 use crate::identity::{self, CurrentIdentity, IdentityContext, IdentityError};
 use crate::mesh::MeshConfig;
+use crate::proxy::access_log::{AccessLog, Sink};
+use crate::proxy::drain::Drain;
+use crate::proxy::outbound::TcpForward;
 use crate::proxy::{
-    self, balance::InFlight, retry::RetryBudgets, upstream::Upstreams, Inbound, Metrics, Outbound,
+    self, balance::Balancer, retry::RetryBudgets, upstream::Upstreams, Inbound, Metrics, Outbound,
     TlsSource,
 };
 use crate::shutdown::{self, ShutdownTrigger};
@@ -83,6 +86,13 @@ pub enum SidecarError {
         #[source]
         source: std::io::Error,
     },
+    /// The access log cannot be opened (exit 1, retryable once fixed).
+    #[error("access_log {path}: {source}")]
+    AccessLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// No identity: join refused (exit 1), no token (exit 2), ...
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -111,6 +121,7 @@ impl SidecarError {
             SidecarError::DataDir { .. }
                 | SidecarError::AdminBind { .. }
                 | SidecarError::ListenerBind { .. }
+                | SidecarError::AccessLog { .. }
                 | SidecarError::Internal(_)
                 | SidecarError::Identity(IdentityError::Persist { .. })
         )
@@ -167,6 +178,28 @@ impl Sidecar {
             &config.inbound_addr_path(),
         )
         .await?;
+        let mut tcp_listeners = Vec::new();
+        for f in &config.tcp_forward {
+            let listener = TcpListener::bind(&f.listen).await.map_err(|source| {
+                SidecarError::ListenerBind {
+                    field: "tcp_forward",
+                    addr: f.listen.clone(),
+                    source,
+                }
+            })?;
+            let (service, namespace) = match f.service.split_once('.') {
+                Some((s, ns)) => (s.to_string(), ns.to_string()),
+                None => (f.service.clone(), config.namespace.clone()),
+            };
+            tcp_listeners.push((
+                listener,
+                TcpForward {
+                    service,
+                    namespace,
+                    port: f.port,
+                },
+            ));
+        }
         if let Some(inst) = config.instance.as_mut() {
             if inst.port == 0 {
                 inst.port = inbound_addr.port();
@@ -223,6 +256,16 @@ impl Sidecar {
         })?;
         tracing::info!(admin_addr = %admin_addr, sidecar = %sidecar_name, "admin endpoint listening");
         let metrics = Arc::new(Metrics::default());
+        let access_log = match &config.access_log {
+            None => AccessLog::disabled(Arc::clone(&metrics)),
+            Some(path) => AccessLog::start(Sink::parse(path), Arc::clone(&metrics))
+                .await
+                .map_err(|source| SidecarError::AccessLog {
+                    path: path.clone(),
+                    source,
+                })?,
+        };
+        let drain = Drain::default();
         let admin_state = AdminState {
             sidecar_name: sidecar_name.clone(),
             config: cache.subscribe(),
@@ -239,23 +282,43 @@ impl Sidecar {
         let outbound = Arc::new(Outbound {
             config: cache.subscribe(),
             namespace: config.namespace.clone(),
+            source: format!("{}/{}", config.namespace, config.service),
             labels: config
                 .instance
                 .as_ref()
                 .map(|i| i.labels.clone())
                 .unwrap_or_default(),
-            inflight: InFlight::default(),
+            balancer: Balancer::default(),
             upstreams: Upstreams::new(Arc::clone(&tls)),
             tls: Arc::clone(&tls),
             metrics: Arc::clone(&metrics),
             retry_budgets: RetryBudgets::default(),
+            access_log: access_log.clone(),
+            drain: drain.clone(),
         });
         // validate() checked app_addr.
         let app_addr = config
             .app_addr
             .parse()
             .map_err(|e| SidecarError::Internal(format!("app_addr: {e}")))?;
-        let inbound = Arc::new(Inbound::new(tls, app_addr, config.service.clone(), metrics));
+        let inbound = Arc::new(Inbound::new(
+            tls,
+            app_addr,
+            &config.namespace,
+            config.service.clone(),
+            cache.subscribe(),
+            metrics,
+            access_log,
+            drain.clone(),
+        ));
+        for (listener, to) in tcp_listeners {
+            tokio::spawn(proxy::outbound::serve_tcp(
+                listener,
+                Arc::clone(&outbound),
+                to,
+                shutdown.clone(),
+            ));
+        }
         tokio::spawn(proxy::outbound::serve(
             outbound_listener,
             outbound,
@@ -274,6 +337,7 @@ impl Sidecar {
         let identity = identity_tx.subscribe();
 
         let endpoints = Arc::new(Endpoints::default());
+        let drain_timeout = Duration::from_millis(config.drain_timeout_ms);
         let task = tokio::spawn(async move {
             let mut sd = shutdown.clone();
             let result: Result<(), SidecarError> = async {
@@ -303,6 +367,22 @@ impl Sidecar {
             .await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "sidecar stopping");
+            }
+            // The listeners stopped accepting at the trigger; open
+            // connections finish their requests under the deadline.
+            let open = drain.open();
+            if open > 0 {
+                tracing::info!(
+                    open,
+                    deadline_ms = drain_timeout.as_millis() as u64,
+                    "draining connections"
+                );
+                if !drain.wait(drain_timeout).await {
+                    tracing::warn!(
+                        open = drain.open(),
+                        "drain deadline passed; closing the rest"
+                    );
+                }
             }
             drop(cache);
             if let Err(e) = disk_writer.await {

@@ -61,6 +61,12 @@ pub mod etcdpb {
     tonic::include_proto!("etcdserverpb");
 }
 
+/// Generated client and server for the test echo service in
+/// `tests/proto/echo.proto` (unary `Unary`, bidirectional `Chat`).
+pub mod echopb {
+    tonic::include_proto!("trellis.test.echo");
+}
+
 /// How long a spawned process may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default overall deadline for cluster-level waits (formation, leader, ...).

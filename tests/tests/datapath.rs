@@ -405,9 +405,9 @@ async fn http_through_a_sidecar_pair_routed_balanced_over_mtls() -> Result<()> {
     // Metrics on both sides.
     let (_, m) = a.get("/metrics").await?;
     for want in [
-        "trellis_requests_total{direction=\"outbound\",destination=\"reviews/v2\",code=\"200\"}",
-        "trellis_requests_total{direction=\"outbound\",destination=\"reviews/v3\",code=\"503\"} 1",
-        "trellis_requests_total{direction=\"outbound\",destination=\"reviews/v1\",code=\"504\"} 1",
+        "trellis_requests_total{direction=\"outbound\",source=\"default/productpage\",destination=\"default/reviews/v2\",route=\"split\",code=\"200\"}",
+        "trellis_requests_total{direction=\"outbound\",source=\"default/productpage\",destination=\"default/reviews/v3\",route=\"v3\",code=\"503\"} 1",
+        "trellis_requests_total{direction=\"outbound\",source=\"default/productpage\",destination=\"default/reviews/v1\",route=\"slow\",code=\"504\"} 1",
         "trellis_config_revision ",
     ] {
         ensure!(m.contains(want), "A's /metrics lacks {want}:\n{m}");
@@ -415,7 +415,7 @@ async fn http_through_a_sidecar_pair_routed_balanced_over_mtls() -> Result<()> {
     let (_, m) = b1.get("/metrics").await?;
     ensure!(
         m.contains(
-            "trellis_requests_total{direction=\"inbound\",destination=\"reviews\",code=\"200\"}"
+            "trellis_requests_total{direction=\"inbound\",source=\"default/productpage\",destination=\"default/reviews\",route=\"-\",code=\"200\"}"
         ),
         "B1's /metrics:\n{m}"
     );
@@ -751,7 +751,7 @@ async fn retries_follow_the_rule_and_the_budget() -> Result<()> {
 
     let (_, m) = a.get("/metrics").await?;
     ensure!(
-        m.contains("trellis_retries_total{destination=\"flaky/-\"}"),
+        m.contains("trellis_retries_total{destination=\"default/flaky/-\"}"),
         "{m}"
     );
     Ok(())

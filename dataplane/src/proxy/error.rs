@@ -5,6 +5,7 @@
 //! application/grpc...`) also get the matching `grpc-status` (and
 //! `grpc-message`), because gRPC clients read those, not the HTTP status.
 
+use hyper::body::Bytes;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 
@@ -96,7 +97,14 @@ impl ProxyError {
         // never fail here over a stray byte.
         let value = HeaderValue::from_str(&text)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid error text"));
-        let mut resp = Response::new(full(format!("{text}\n")));
+        // gRPC: a trailers-only response, no body (a text body would be
+        // read as a malformed message).
+        let body = if grpc {
+            full(Bytes::new())
+        } else {
+            full(format!("{text}\n"))
+        };
+        let mut resp = Response::new(body);
         *resp.status_mut() = if grpc { StatusCode::OK } else { self.status() };
         let h = resp.headers_mut();
         h.insert(ERROR_HEADER, value.clone());

@@ -1,34 +1,49 @@
 //! The inbound listener: peer sidecars connect with mutual TLS (client
 //! certificate required, chained to the cluster CA, else the handshake
-//! fails) and speak HTTP/2; each request is restored to HTTP/1.1 and
-//! forwarded to the local application (`app_addr`) over a pooled
-//! connection, with `x-trellis-source` set to the caller's verified SPIFFE
-//! ID.
+//! fails) and speak HTTP/2. Each request goes to the local application
+//! (`app_addr`) over a pooled connection:
+//!
+//! * in the HTTP version the app speaks: the protocol this sidecar's
+//!   `Service` declares for the port (the request authority's port, or the
+//!   only port): `http` → HTTP/1.1, `http2`/`grpc` → HTTP/2 (h2c prior
+//!   knowledge); when the Service says nothing, the version the caller's
+//!   application used: a request the calling sidecar marked
+//!   `x-trellis-orig-proto: HTTP/1.1` is restored to HTTP/1.1, anything
+//!   else (HTTP/2, gRPC) stays HTTP/2;
+//! * with `x-trellis-source` set to the caller's verified SPIFFE ID and
+//!   `traceparent` continued with this hop's span;
+//! * a `CONNECT` stream is a TCP tunnel ([`super::tcp::inbound`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, HOST};
-use hyper::{Request, Response, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::{Method, Request, Response, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+use super::access_log::{self, AccessLog, Entry};
 use super::body::ProxyBody;
-use super::error::{is_grpc, ProxyError};
+use super::drain::{Drain, DrainToken};
+use super::error::{is_grpc, ProxyError, ERROR_HEADER};
 use super::headers;
-use super::metrics::{Direction, Metrics};
+use super::metrics::{Direction, Metrics, RequestLabels};
+use super::route::NO_RULE;
 use super::tls::TlsSource;
+use super::{tcp, trace};
 use crate::shutdown::Shutdown;
 
 /// The header carrying the verified caller identity to the application.
 pub const SOURCE_HEADER: &str = "x-trellis-source";
+/// Set by the calling sidecar on requests its application sent as
+/// HTTP/1.x, so this side restores HTTP/1.1; never reaches the app.
+pub const ORIG_PROTO_HEADER: &str = "x-trellis-orig-proto";
 /// A peer has this long to finish the TLS handshake; a slow or silent
 /// client must not hold a task and a socket forever.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,60 +55,140 @@ pub struct Inbound {
     pub tls: Arc<TlsSource>,
     /// The local application.
     pub app_addr: SocketAddr,
-    /// This sidecar's service (named in errors).
+    /// This sidecar's namespace and service (named in errors).
+    pub namespace: String,
     pub service: String,
+    /// The compiled config (this service's declared port protocols).
+    pub config: tokio::sync::watch::Receiver<Arc<crate::mesh::MeshConfig>>,
+    /// This sidecar's service as metrics name it: `namespace/service`.
+    pub destination: String,
     /// Pooled HTTP/1.1 connections to the application.
-    pub client: Client<HttpConnector, ProxyBody>,
+    pub http1: Client<AppConnector, ProxyBody>,
+    /// Pooled HTTP/2 (h2c) connections to the application.
+    pub http2: Client<AppConnector, ProxyBody>,
     /// Request counters.
     pub metrics: Arc<Metrics>,
+    /// The JSON access log (maybe disabled).
+    pub access_log: AccessLog,
+    /// Live connections, for the drain at shutdown.
+    pub drain: Drain,
 }
 
 impl Inbound {
     /// An inbound path forwarding to `app_addr`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         tls: Arc<TlsSource>,
         app_addr: SocketAddr,
+        namespace: &str,
         service: String,
+        config: tokio::sync::watch::Receiver<Arc<crate::mesh::MeshConfig>>,
         metrics: Arc<Metrics>,
+        access_log: AccessLog,
+        drain: Drain,
     ) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
+        let http = AppConnector(app_addr);
+        let http1 = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .build(http);
+        let http2 = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .http2_only(true)
             .build(http);
         Inbound {
             tls,
             app_addr,
+            destination: format!("{namespace}/{service}"),
+            namespace: namespace.to_string(),
             service,
-            client,
+            config,
+            http1,
+            http2,
             metrics,
+            access_log,
+            drain,
         }
+    }
+
+    /// The protocol the Service declares for `port` (or its only port).
+    fn declared_protocol(&self, port: Option<u16>) -> Option<trellis_resources::Protocol> {
+        let cfg = self.config.borrow();
+        let (_, svc) = cfg.service(&self.namespace, &self.service)?;
+        match port.and_then(|p| svc.ports.iter().find(|x| x.port == p)) {
+            Some(p) => Some(p.protocol),
+            None if svc.ports.len() == 1 => Some(svc.ports[0].protocol),
+            None => None,
+        }
+    }
+
+    /// The answer when the app cannot be reached.
+    pub(crate) fn app_unreachable(&self, reason: String) -> Response<ProxyBody> {
+        ProxyError::Connect {
+            service: self.service.clone(),
+            subset: "-".into(),
+            endpoint: self.app_addr.to_string(),
+            reason,
+        }
+        .into_response(false)
     }
 }
 
-/// Accepts on `listener` until `shutdown`.
+/// Connects every request to the application's address, whatever its URI
+/// says: requests keep the authority the caller used (the app sees
+/// `Host: reviews:9080`, not its own socket address), and the pool is keyed
+/// by that authority.
+#[derive(Debug, Clone, Copy)]
+pub struct AppConnector(pub SocketAddr);
+
+impl tower_service::Service<Uri> for AppConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            Ok(TokioIo::new(s))
+        })
+    }
+}
+
+/// Accepts on `listener` until `shutdown`; open connections then finish
+/// their streams (GOAWAY) under the drain.
 pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>, mut shutdown: Shutdown) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    if shutdown.sleep(Duration::from_millis(100)).await {
-                        return;
-                    }
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => return,
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer)) = super::outbound::accept(&listener, &mut shutdown).await {
         let inbound = Arc::clone(&inbound);
+        let token = inbound.drain.token();
+        let sd = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, peer, inbound).await {
+            if let Err(e) = connection(stream, peer, inbound, sd, token).await {
                 tracing::debug!(peer = %peer, error = %e, "inbound connection refused or failed");
             }
         });
+    }
+}
+
+/// `ns/svc` of a workload SPIFFE ID (`spiffe://<td>/ns/<ns>/svc/<svc>`), or
+/// the ID itself.
+fn source_name(spiffe: &str) -> String {
+    let path = spiffe
+        .strip_prefix("spiffe://")
+        .and_then(|r| r.split_once('/'))
+        .map(|(_, p)| p);
+    match path.map(|p| p.split('/').collect::<Vec<_>>()).as_deref() {
+        Some(["ns", ns, "svc", svc]) => format!("{ns}/{svc}"),
+        _ => spiffe.to_string(),
     }
 }
 
@@ -101,7 +196,10 @@ async fn connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     inbound: Arc<Inbound>,
+    mut shutdown: Shutdown,
+    token: DrainToken,
 ) -> Result<(), String> {
+    let _token = token;
     // The config of the certificate current *now*: rotation applies to new
     // connections, existing ones keep theirs.
     let cfg = inbound.tls.server_config().map_err(|e| e.to_string())?;
@@ -112,65 +210,176 @@ async fn connection(
     .await
     .map_err(|_| "TLS handshake timed out".to_string())?
     .map_err(|e| format!("TLS handshake: {e}"))?;
-    let source = {
+    let spiffe = {
         let (_, conn) = tls.get_ref();
         let chain = conn.peer_certificates().ok_or("no client certificate")?;
         trellis_identity::peer_cert_info(chain)
             .map_err(|e| e.to_string())?
             .spiffe_id
     };
-    let source = HeaderValue::from_str(&source).map_err(|e| e.to_string())?;
-    let span = tracing::debug_span!("inbound", peer = %peer, source = ?source);
+    let source = Arc::new(Caller {
+        header: HeaderValue::from_str(&spiffe).map_err(|e| e.to_string())?,
+        name: source_name(&spiffe),
+    });
+    let span = tracing::debug_span!("inbound", peer = %peer, source = %spiffe);
     let svc = hyper::service::service_fn(move |req| {
         let inbound = Arc::clone(&inbound);
-        let source = source.clone();
-        async move { Ok::<_, Infallible>(inbound.handle(req, source).await) }
+        let source = Arc::clone(&source);
+        async move { Ok::<_, Infallible>(inbound.handle(req, &source).await) }
     });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(tls), svc)
-        .instrument(span)
-        .await
-        .map_err(|e| e.to_string())
+        .serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let r = async {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = shutdown.wait() => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        conn.await
+    }
+    .instrument(span)
+    .await;
+    r.map_err(|e| e.to_string())
+}
+
+/// The verified caller of a connection.
+#[derive(Debug)]
+pub struct Caller {
+    /// Its SPIFFE ID, as the app sees it in `x-trellis-source`.
+    pub header: HeaderValue,
+    /// `ns/svc`, as metrics name it.
+    pub name: String,
 }
 
 impl Inbound {
     /// One request from a peer sidecar to the application.
-    pub async fn handle(&self, req: Request<Incoming>, source: HeaderValue) -> Response<ProxyBody> {
-        let resp = self.forward(req, source).await;
-        self.metrics
-            .request(Direction::Inbound, &self.service, resp.status().as_u16());
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        caller: &Caller,
+    ) -> Response<ProxyBody> {
+        if req.method() == Method::CONNECT {
+            return tcp::inbound(self, req, caller.name.clone()).await;
+        }
+        let start = Instant::now();
+        let logging = self.access_log.enabled();
+        let start_time = if logging {
+            access_log::now_rfc3339()
+        } else {
+            String::new()
+        };
+        let span = trace::Span::from_headers(req.headers());
+        let restore_h1 = match self.declared_protocol(req.uri().port_u16()) {
+            Some(trellis_resources::Protocol::Http) => true,
+            Some(trellis_resources::Protocol::Http2 | trellis_resources::Protocol::Grpc) => false,
+            Some(trellis_resources::Protocol::Tcp) | None => {
+                req.headers().contains_key(ORIG_PROTO_HEADER)
+            }
+        };
+        let logged = logging.then(|| {
+            (
+                req.method().to_string(),
+                req.uri().authority().map(|a| a.to_string()),
+                req.uri().path().to_string(),
+            )
+        });
+        let tspan = tracing::debug_span!("inbound_request", method = %req.method(),
+            path = %req.uri().path(), trace_id = %format_args!("{:032x}", span.trace_id),
+            span_id = %format_args!("{:016x}", span.span_id));
+        let resp = self
+            .forward(req, caller, &span, restore_h1)
+            .instrument(tspan)
+            .await;
+        let code = resp.status().as_u16();
+        let elapsed = start.elapsed();
+        if let Some((method, authority, path)) = logged {
+            self.access_log.log(Entry {
+                start_time,
+                direction: Direction::Inbound.as_str(),
+                protocol: if restore_h1 { "HTTP/1.1" } else { "HTTP/2" },
+                method: Some(method),
+                authority,
+                path: Some(path),
+                code,
+                duration_us: elapsed.as_micros() as u64,
+                source: caller.name.clone(),
+                destination: self.destination.clone(),
+                route: NO_RULE.to_string(),
+                upstream: Some(self.app_addr.to_string()),
+                retries: 0,
+                error: resp
+                    .headers()
+                    .get(ERROR_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                trace_id: Some(span.trace_hex()),
+                span_id: Some(span.span_hex()),
+                parent_span_id: span.parent_hex(),
+                bytes_sent: None,
+                bytes_received: None,
+            });
+        }
+        self.metrics.request(
+            &RequestLabels {
+                direction: Direction::Inbound,
+                source: caller.name.clone(),
+                destination: self.destination.clone(),
+                route: NO_RULE.to_string(),
+                code,
+            },
+            elapsed,
+        );
         resp
     }
 
-    async fn forward(&self, req: Request<Incoming>, source: HeaderValue) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        caller: &Caller,
+        span: &trace::Span,
+        restore_h1: bool,
+    ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let (mut parts, body) = req.into_parts();
-        // The authority the caller used becomes the Host header again.
-        if !parts.headers.contains_key(HOST) {
-            if let Some(a) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    parts.headers.insert(HOST, v);
-                }
-            }
-        }
+        // The authority the caller used stays the request's (Host for
+        // HTTP/1.1, :authority for HTTP/2); the connector goes to the app.
+        let authority = match parts.uri.authority() {
+            Some(a) => a.as_str().to_string(),
+            None => self.app_addr.to_string(),
+        };
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = Uri::builder()
             .scheme("http")
-            .authority(self.app_addr.to_string())
+            .authority(authority.as_str())
             .path_and_query(pq)
             .build();
         let Ok(uri) = uri else {
             return ProxyError::NoHost.into_response(grpc);
         };
         parts.uri = uri;
-        // Restored to HTTP/1.1 for the application (gRPC to the app, which
-        // needs HTTP/2, is a later slice).
-        parts.version = Version::HTTP_11;
+        if !parts.headers.contains_key(HOST) {
+            if let Ok(v) = HeaderValue::from_str(&authority) {
+                parts.headers.insert(HOST, v);
+            }
+        }
         headers::strip_hop_by_hop(&mut parts.headers);
-        parts.headers.insert(SOURCE_HEADER, source);
+        parts.headers.remove(ORIG_PROTO_HEADER);
+        parts.headers.insert(SOURCE_HEADER, caller.header.clone());
+        span.propagate(&mut parts.headers);
+        let client = if restore_h1 {
+            parts.version = Version::HTTP_11;
+            &self.http1
+        } else {
+            // HTTP/2 to the app keeps gRPC (trailers, streams) intact; the
+            // Host header is the :authority there.
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(HOST);
+            &self.http2
+        };
         let req = Request::from_parts(parts, body.boxed());
-        match self.client.request(req).await {
+        match client.request(req).await {
             Ok(resp) => resp.map(|b| b.boxed()),
             Err(e) => {
                 let reason = match std::error::Error::source(&e) {
@@ -195,5 +404,19 @@ impl Inbound {
                 err.into_response(grpc)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_names() {
+        assert_eq!(
+            source_name("spiffe://trellis.local/ns/default/svc/productpage"),
+            "default/productpage"
+        );
+        assert_eq!(source_name("spiffe://x/node/3"), "spiffe://x/node/3");
     }
 }

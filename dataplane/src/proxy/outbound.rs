@@ -1,14 +1,31 @@
-//! The outbound listener: the application's calls to other services, plain
-//! HTTP/1.1 or HTTP/2 prior knowledge (one listener, detected per
-//! connection by hyper-util's auto server), the target service as `Host` or
-//! `:authority`. Each request goes through the path written in
-//! [`crate::proxy`] and out over a pooled HTTP/2 mTLS connection to the
-//! chosen instance's sidecar.
+//! The outbound listener: the application's calls to other services.
+//!
+//! A connection arrives either addressed to the listener itself (the
+//! "protocol conversion" style: the target service is the `Host` /
+//! `:authority`) or redirected by iptables (transparent interception; the
+//! original destination comes from `SO_ORIGINAL_DST`, [`super::orig_dst`]).
+//! Per connection ([`Outbound::connection`]):
+//!
+//! 1. an intercepted destination port that exactly one `Service` of the
+//!    namespace declares decides the protocol: `tcp` goes to the TCP path
+//!    ([`super::tcp`]) without reading a byte, `http`/`http2`/`grpc` to
+//!    HTTP; otherwise the first bytes decide ([`super::detect`]);
+//! 2. HTTP/1.1 and HTTP/2 (prior knowledge) are served by hyper-util's auto
+//!    server, each request through the path written in [`crate::proxy`];
+//!    an intercepted request whose host is no mesh service is routed by the
+//!    service of its original destination port;
+//! 3. opaque TCP goes to the service of the original destination port, or
+//!    through unchanged when that is no mesh service; on a connection that
+//!    was not intercepted it has no destination and is closed.
+//!
+//! Dedicated TCP listeners (`tcp_forward` in the config) skip all of this:
+//! every connection goes to their one service and port ([`serve_tcp`]).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Bytes, Incoming};
@@ -16,19 +33,28 @@ use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
 use trellis_identity::Identity;
+use trellis_resources::Protocol;
 
-use super::balance::{self, InFlight, InFlightGuard};
+use super::access_log::{self, AccessLog, Entry};
+use super::balance::{self, Balancer, InFlightGuard};
 use super::body::{full, ProxyBody};
-use super::error::{is_grpc, ProxyError};
+use super::detect::{self, Rewind};
+use super::drain::{Drain, DrainToken};
+use super::error::{is_grpc, ProxyError, ERROR_HEADER};
 use super::headers;
-use super::metrics::{Direction, Metrics};
+use super::inbound::ORIG_PROTO_HEADER;
+use super::metrics::{Direction, Metrics, RequestLabels};
+use super::orig_dst;
 use super::retry::{self, Outcome, ReplayPlan, RetryBudgets};
 use super::route::{self, Decision, Target};
+use super::tcp;
 use super::tls::TlsSource;
+use super::trace;
 use super::upstream::{UpstreamError, Upstreams};
 use crate::mesh::MeshConfig;
 use crate::shutdown::Shutdown;
@@ -40,10 +66,12 @@ pub struct Outbound {
     pub config: watch::Receiver<Arc<MeshConfig>>,
     /// The caller's namespace (hosts without `.ns` resolve here).
     pub namespace: String,
+    /// The caller as metrics name it: `namespace/service`.
+    pub source: String,
     /// This instance's labels, for `sourceLabels` matches.
     pub labels: BTreeMap<String, String>,
-    /// Requests in flight per endpoint.
-    pub inflight: InFlight,
+    /// In-flight counts and balancer state.
+    pub balancer: Balancer,
     /// Pooled connections to peer sidecars.
     pub upstreams: Upstreams,
     /// The identity (for the trust domain of expected peer IDs).
@@ -52,39 +80,97 @@ pub struct Outbound {
     pub metrics: Arc<Metrics>,
     /// Retry budgets per destination service.
     pub retry_budgets: RetryBudgets,
+    /// The JSON access log (maybe disabled).
+    pub access_log: AccessLog,
+    /// Live connections, for the drain at shutdown.
+    pub drain: Drain,
 }
 
-/// Accepts on `listener` until `shutdown`.
+/// A dedicated TCP listener's destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpForward {
+    pub service: String,
+    pub namespace: String,
+    pub port: u16,
+}
+
+/// Accepts until `shutdown`, then lets open connections finish (see
+/// [`super::drain`]).
 pub async fn serve(listener: TcpListener, out: Arc<Outbound>, mut shutdown: Shutdown) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    if shutdown.sleep(std::time::Duration::from_millis(100)).await {
-                        return;
-                    }
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => return,
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
         let out = Arc::clone(&out);
+        let token = out.drain.token();
+        let sd = shutdown.clone();
+        tokio::spawn(async move { out.connection(stream, peer, sd, token).await });
+    }
+}
+
+/// Accepts on a `tcp_forward` listener until `shutdown`: every connection
+/// goes to `to`.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    out: Arc<Outbound>,
+    to: TcpForward,
+    mut shutdown: Shutdown,
+) {
+    let to = Arc::new(to);
+    while let Some((stream, _)) = accept(&listener, &mut shutdown).await {
+        let out = Arc::clone(&out);
+        let to = Arc::clone(&to);
+        let token = out.drain.token();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let out = Arc::clone(&out);
-                async move { Ok::<_, Infallible>(out.handle(req).await) }
-            });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(peer = %peer, error = %e, "outbound connection ended with an error");
-            }
+            let _token = token;
+            tcp::outbound(&out, stream, &to.service, &to.namespace, to.port).await;
         });
     }
+}
+
+/// The next connection, or `None` at shutdown.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    shutdown: &mut Shutdown,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    return Some((s, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    if shutdown.sleep(std::time::Duration::from_millis(100)).await {
+                        return None;
+                    }
+                }
+            },
+            _ = shutdown.wait() => return None,
+        }
+    }
+}
+
+/// Serves HTTP on `io` with `svc` until the client is done, or (at
+/// shutdown) until the requests in progress are.
+pub(crate) async fn serve_http<I, S>(io: I, svc: S, mut shutdown: Shutdown) -> Result<(), String>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r.map_err(|e| e.to_string()),
+        _ = shutdown.wait() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await.map_err(|e| e.to_string())
 }
 
 /// The request's host: the URI authority (HTTP/2, absolute form) or the
@@ -100,63 +186,80 @@ fn host_of(req: &Request<Incoming>) -> Option<String> {
         .map(str::to_string)
 }
 
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// What a request became, for its metrics and access-log line.
+struct Done {
+    destination: String,
+    rule: String,
+    upstream: Option<SocketAddr>,
+    retries: u32,
+}
+
 impl Outbound {
-    /// One request, start to end; errors become responses here via
-    /// [`ProxyError::into_response`].
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let grpc = is_grpc(req.headers());
-        let host = host_of(&req).unwrap_or_default();
-        let span = tracing::debug_span!("outbound", method = %req.method(), host = %host, path = %req.uri().path());
-        // The destination as metrics name it: the host until one is chosen.
-        let mut destination = host.clone();
-        let mut retried = 0;
-        let resp = match self
-            .forward(req, host, &mut destination, &mut retried)
-            .instrument(span)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                let mut r = e.into_response(grpc);
-                if retried > 0 {
-                    r.headers_mut()
-                        .insert(retry::RETRIES_HEADER, HeaderValue::from(retried));
-                }
-                r
+    /// One accepted connection (steps 1-3 of the module doc).
+    async fn connection(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: Shutdown,
+        token: DrainToken,
+    ) {
+        let _token = token;
+        let orig = orig_dst::original_dst(&stream);
+        let declared = orig.and_then(|d| {
+            let cfg = self.config.borrow();
+            cfg.service_for_port(&self.namespace, d.port())
+                .map(|(svc, p)| (svc.to_string(), p))
+        });
+        let protocol = match (&declared, orig) {
+            (Some((svc, Protocol::Tcp)), Some(d)) => {
+                let ns = self.namespace.clone();
+                return tcp::outbound(&self, stream, svc, &ns, d.port()).await;
             }
+            (Some(_), _) => None,
+            (None, _) => match detect::detect(&mut stream).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::debug!(peer = %peer, error = %e, "outbound connection lost during detection");
+                    return;
+                }
+            },
         };
-        self.metrics
-            .request(Direction::Outbound, &destination, resp.status().as_u16());
-        resp
+        let (protocol, prefix) = protocol.unwrap_or((detect::Protocol::Http1, Bytes::new()));
+        let io = Rewind::new(prefix, stream);
+        if protocol == detect::Protocol::Opaque {
+            match (declared, orig) {
+                (Some((svc, _)), Some(d)) => {
+                    let ns = self.namespace.clone();
+                    tcp::outbound(&self, io, &svc, &ns, d.port()).await;
+                }
+                (None, Some(d)) => tcp::passthrough(&self, io, d).await,
+                (_, None) => tracing::info!(peer = %peer,
+                    "closing a non-HTTP connection to the outbound listener: opaque TCP needs interception or a tcp_forward listener"),
+            }
+            return;
+        }
+        let fallback: Option<Arc<str>> = declared.map(|(svc, _)| Arc::from(svc.as_str()));
+        let out = Arc::clone(&self);
+        let svc = hyper::service::service_fn(move |req| {
+            let out = Arc::clone(&out);
+            let fallback = fallback.clone();
+            async move { Ok::<_, Infallible>(out.handle(req, fallback.as_deref()).await) }
+        });
+        if let Err(e) = serve_http(io, svc, shutdown).await {
+            tracing::debug!(peer = %peer, error = %e, "outbound connection ended with an error");
+        }
     }
 
-    async fn forward(
-        &self,
-        req: Request<Incoming>,
-        host: String,
-        destination: &mut String,
-        retried: &mut u32,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        if host.is_empty() {
-            return Err(ProxyError::NoHost);
-        }
-        // One snapshot for the whole request: no locks held, no torn view.
-        let cfg = Arc::clone(&self.config.borrow());
-        let (mut parts, body) = req.into_parts();
-        let target = match route::decide(&cfg, &host, &self.namespace, &parts, &self.labels)? {
-            Decision::Forward(t) => t,
-            Decision::Degrade(d) => return Ok(degrade_response(d)),
-        };
-        let subset = target.subset.unwrap_or("-");
-        *destination = format!("{}/{subset}", target.service);
-        let endpoints = balance::endpoints(&cfg, &target)?;
-        let (ep, guard) =
-            self.inflight
-                .pick(&endpoints)
-                .ok_or_else(|| ProxyError::NoHealthyEndpoint {
-                    service: target.service.to_string(),
-                    subset: subset.to_string(),
-                })?;
+    /// The SPIFFE ID the destination's sidecars must present.
+    pub(crate) fn expected_identity(&self, target: &Target<'_>) -> Result<String, ProxyError> {
         let trust_domain = self
             .tls
             .current()
@@ -164,24 +267,172 @@ impl Outbound {
             .info
             .trust_domain
             .clone();
-        let expected = Identity::Workload {
+        Ok(Identity::Workload {
             namespace: target.namespace.to_string(),
             service: target.service.to_string(),
         }
-        .to_spiffe(&trust_domain);
+        .to_spiffe(&trust_domain))
+    }
+
+    /// One request, start to end; errors become responses here via
+    /// [`ProxyError::into_response`]. `fallback` is the service of an
+    /// intercepted connection's original destination.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        fallback: Option<&str>,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let logging = self.access_log.enabled();
+        let start_time = if logging {
+            access_log::now_rfc3339()
+        } else {
+            String::new()
+        };
+        let grpc = is_grpc(req.headers());
+        let host = host_of(&req).unwrap_or_default();
+        let span = trace::Span::from_headers(req.headers());
+        let logged = logging.then(|| {
+            (
+                req.method().to_string(),
+                req.uri().path().to_string(),
+                protocol_name(req.version()),
+            )
+        });
+        let tspan = tracing::debug_span!("outbound", method = %req.method(), host = %host,
+            path = %req.uri().path(), trace_id = %format_args!("{:032x}", span.trace_id),
+            span_id = %format_args!("{:016x}", span.span_id));
+        let mut done = Done {
+            destination: host.clone(),
+            rule: route::NO_RULE.to_string(),
+            upstream: None,
+            retries: 0,
+        };
+        let resp = match self
+            .forward(req, &host, fallback, &span, &mut done)
+            .instrument(tspan)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let mut r = e.into_response(grpc);
+                if done.retries > 0 {
+                    r.headers_mut()
+                        .insert(retry::RETRIES_HEADER, HeaderValue::from(done.retries));
+                }
+                r
+            }
+        };
+        let code = resp.status().as_u16();
+        let elapsed = start.elapsed();
+        if let Some((method, path, protocol)) = logged {
+            self.access_log.log(Entry {
+                start_time,
+                direction: Direction::Outbound.as_str(),
+                protocol,
+                method: Some(method),
+                authority: Some(host),
+                path: Some(path),
+                code,
+                duration_us: elapsed.as_micros() as u64,
+                source: self.source.clone(),
+                destination: done.destination.clone(),
+                route: done.rule.clone(),
+                upstream: done.upstream.map(|u| u.to_string()),
+                retries: done.retries,
+                error: resp
+                    .headers()
+                    .get(ERROR_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                trace_id: Some(span.trace_hex()),
+                span_id: Some(span.span_hex()),
+                parent_span_id: span.parent_hex(),
+                bytes_sent: None,
+                bytes_received: None,
+            });
+        }
+        self.metrics.request(
+            &RequestLabels {
+                direction: Direction::Outbound,
+                source: self.source.clone(),
+                destination: done.destination,
+                route: done.rule,
+                code,
+            },
+            elapsed,
+        );
+        resp
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        host: &str,
+        fallback: Option<&str>,
+        span: &trace::Span,
+        done: &mut Done,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if host.is_empty() && fallback.is_none() {
+            return Err(ProxyError::NoHost);
+        }
+        // One snapshot for the whole request: no locks held, no torn view.
+        let cfg = Arc::clone(&self.config.borrow());
+        let (mut parts, body) = req.into_parts();
+        let decided = match route::decide(&cfg, host, &self.namespace, &parts, &self.labels) {
+            Err(ProxyError::NoRoute { .. } | ProxyError::NoHost) if fallback.is_some() => {
+                let fb = fallback.unwrap_or_default();
+                route::decide(&cfg, fb, &self.namespace, &parts, &self.labels)
+            }
+            other => other,
+        };
+        let target = match decided? {
+            Decision::Forward(t) => t,
+            Decision::Degrade(d) => return Ok(degrade_response(d)),
+        };
+        let subset = target.subset.unwrap_or("-");
+        done.destination = format!("{}/{}/{subset}", target.namespace, target.service);
+        done.rule = target.rule.to_string();
+        let endpoints = balance::endpoints(&cfg, &target)?;
+        let policy_spec = cfg
+            .destination_policy(target.namespace, target.service)
+            .map(|(_, p)| p);
+        let lb = policy_spec.and_then(|p| p.load_balancer.as_ref());
+        let no_endpoint = || ProxyError::NoHealthyEndpoint {
+            service: target.service.to_string(),
+            subset: subset.to_string(),
+        };
+        let (ep, guard) = self
+            .balancer
+            .pick(lb, &done.destination, &endpoints, &parts.headers)
+            .ok_or_else(no_endpoint)?;
+        let expected = self.expected_identity(&target)?;
 
         // HTTP/1.1 or HTTP/2 in, HTTP/2 out: absolute URI carries the
-        // authority (restored as Host at the far side).
+        // authority (restored as Host at the far side), and an HTTP/1.x
+        // request says so, to be restored to HTTP/1.1 there.
+        let authority = if host.is_empty() {
+            target.service
+        } else {
+            host
+        };
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.uri = Uri::builder()
             .scheme("http")
-            .authority(host.as_str())
+            .authority(authority)
             .path_and_query(pq)
             .build()
             .map_err(|_| ProxyError::NoHost)?;
-        parts.version = Version::HTTP_2;
         headers::strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(HOST);
+        parts.headers.remove(ORIG_PROTO_HEADER);
+        if parts.version < Version::HTTP_2 {
+            parts
+                .headers
+                .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
+        }
+        parts.version = Version::HTTP_2;
+        span.propagate(&mut parts.headers);
         if let Some(ops) = target.headers.and_then(|h| h.request.as_ref()) {
             headers::apply(ops, &mut parts.headers);
         }
@@ -209,14 +460,12 @@ impl Outbound {
             }
             _ => (Some(body.boxed()), None),
         };
-        let budget = cfg
-            .destination_policy(target.namespace, target.service)
-            .and_then(|(_, p)| p.retry_budget.as_ref());
+        let budget = policy_spec.and_then(|p| p.retry_budget.as_ref());
         let mut ep = ep;
         let mut guard = guard;
         let mut failed: Vec<SocketAddr> = Vec::new();
-        let mut retries: u32 = 0;
         loop {
+            done.upstream = Some(ep);
             let body = match &replay {
                 Some(b) => full(b.clone()),
                 None => once.take().unwrap_or_else(|| full(Bytes::new())),
@@ -240,7 +489,6 @@ impl Outbound {
                         timeout_ms: timeout.as_millis() as u64,
                     };
                     if overall {
-                        *retried = retries;
                         return Err(err);
                     }
                     (Outcome::Timeout, Err(err))
@@ -271,7 +519,7 @@ impl Outbound {
                 ),
             };
             let again = match policy {
-                Some(p) if replay.is_some() && retries < p.attempts => {
+                Some(p) if replay.is_some() && done.retries < p.attempts => {
                     retry::should_retry(p.effective_retry_on(), outcome)
                         && tokio::time::Instant::now() < deadline
                         && self.retry_budgets.withdraw(&budget_key, budget)
@@ -279,30 +527,26 @@ impl Outbound {
                 _ => false,
             };
             if !again {
-                *retried = retries;
                 let resp = result?;
-                return Ok(self.respond(resp, &target, guard, retries));
+                return Ok(self.respond(resp, &target, guard, done.retries));
             }
-            retries += 1;
-            self.metrics.retry(destination);
-            tracing::debug!(endpoint = %ep, ?outcome, retries, "retrying");
+            done.retries += 1;
+            self.metrics.retry(&done.destination);
+            tracing::debug!(endpoint = %ep, ?outcome, retries = done.retries, "retrying");
             // A fresh pick, away from the endpoints that failed when
             // there are others.
             failed.push(ep);
             drop(result);
-            let fresh: Vec<SocketAddr> = endpoints
+            let fresh: Vec<balance::Endpoint> = endpoints
                 .iter()
                 .copied()
-                .filter(|e| !failed.contains(e))
+                .filter(|e| !failed.contains(&e.addr))
                 .collect();
             let candidates = if fresh.is_empty() { &endpoints } else { &fresh };
-            (ep, guard) =
-                self.inflight
-                    .pick(candidates)
-                    .ok_or_else(|| ProxyError::NoHealthyEndpoint {
-                        service: target.service.to_string(),
-                        subset: subset.to_string(),
-                    })?;
+            (ep, guard) = self
+                .balancer
+                .pick(lb, &done.destination, candidates, &parts.headers)
+                .ok_or_else(no_endpoint)?;
         }
     }
 

@@ -19,7 +19,7 @@ use hyper::http::request::Parts;
 use regex::Regex;
 use trellis_resources::matching::{compile_regex, HeaderMatch, StringMatch};
 use trellis_resources::route::{
-    Degrade, HeaderOperations, HttpMatch, RetryPolicy, DEFAULT_TIMEOUT,
+    Degrade, HeaderOperations, HttpMatch, RetryPolicy, WeightedDestination, DEFAULT_TIMEOUT,
 };
 
 use super::error::ProxyError;
@@ -34,6 +34,9 @@ pub struct Target<'a> {
     pub service: &'a str,
     /// Subset (`None`: every instance).
     pub subset: Option<&'a str>,
+    /// The matched rule's name (`-` for an unnamed rule or no Route), for
+    /// metrics and the access log.
+    pub rule: &'a str,
     /// The request's deadline.
     pub timeout: Duration,
     /// Header edits of the rule.
@@ -88,26 +91,13 @@ pub fn decide<'a>(
             if let Some(d) = &rule.degrade {
                 return Ok(Decision::Degrade(d));
             }
-            let total: u32 = rule.route.iter().map(|d| d.effective_weight()).sum();
-            let dest = if total == 0 || rule.route.len() == 1 {
-                rule.route.first()
-            } else {
-                let mut pick = rand::random_range(0..total);
-                rule.route.iter().find(|d| {
-                    let w = d.effective_weight();
-                    if pick < w {
-                        true
-                    } else {
-                        pick -= w;
-                        false
-                    }
-                })
-            };
+            let dest = pick_weighted(&rule.route);
             let Some(dest) = dest else { continue };
             return Ok(Decision::Forward(Target {
                 namespace: ns,
                 service: &dest.destination.service,
                 subset: dest.destination.subset.as_deref(),
+                rule: rule.name.as_deref().unwrap_or(NO_RULE),
                 timeout: rule.timeout.as_std(),
                 headers: rule.headers.as_ref(),
                 retries: rule.retries.as_ref(),
@@ -124,12 +114,71 @@ pub fn decide<'a>(
             namespace: ns,
             service: &r.metadata.name,
             subset: None,
+            rule: NO_RULE,
             timeout: DEFAULT_TIMEOUT.as_std(),
             headers: None,
             retries: None,
         })),
         None => Err(ProxyError::NoRoute {
             host: host.to_string(),
+        }),
+    }
+}
+
+/// The rule name metrics show when there is none.
+pub const NO_RULE: &str = "-";
+
+/// One of `dests` at random by weight (`None` if empty).
+fn pick_weighted(dests: &[WeightedDestination]) -> Option<&WeightedDestination> {
+    let total: u32 = dests.iter().map(|d| d.effective_weight()).sum();
+    if total == 0 || dests.len() == 1 {
+        return dests.first();
+    }
+    let mut pick = rand::random_range(0..total);
+    dests.iter().find(|d| {
+        let w = d.effective_weight();
+        if pick < w {
+            true
+        } else {
+            pick -= w;
+            false
+        }
+    })
+}
+
+/// Chooses the destination of a TCP connection to service `name` in `ns`
+/// on `port`: the `tcp` rule for that port of a Route listing the service
+/// (weighted pick), else all instances of the Service. No timeout applies
+/// to the connection's life (only to connecting).
+pub fn decide_tcp<'a>(
+    cfg: &'a MeshConfig,
+    name: &'a str,
+    ns: &'a str,
+    port: u16,
+) -> Result<Target<'a>, ProxyError> {
+    let forward = |service: &'a str, subset: Option<&'a str>| Target {
+        namespace: ns,
+        service,
+        subset,
+        rule: NO_RULE,
+        timeout: DEFAULT_TIMEOUT.as_std(),
+        headers: None,
+        retries: None,
+    };
+    for (_, route) in cfg.routes_for_host(ns, name) {
+        for rule in route.tcp.iter().filter(|r| r.port == port) {
+            if let Some(d) = pick_weighted(&rule.route) {
+                return Ok(forward(
+                    &d.destination.service,
+                    d.destination.subset.as_deref(),
+                ));
+            }
+        }
+    }
+    match cfg.service(ns, name) {
+        Some((r, _)) => Ok(forward(&r.metadata.name, None)),
+        None => Err(ProxyError::NoRoute {
+            host: format!("{name}.{ns}:{port}"),
         }),
     }
 }
@@ -255,7 +304,10 @@ mod tests {
         assert_eq!(t.subset, Some("v1"));
         assert_eq!(t.timeout, DEFAULT_TIMEOUT.as_std());
         let eps = balance::endpoints(&cfg, &t).unwrap();
-        assert_eq!(eps, vec!["10.0.0.1:15006".parse().unwrap()]);
+        assert_eq!(
+            eps.iter().map(|e| e.addr).collect::<Vec<_>>(),
+            vec!["10.0.0.1:15006".parse().unwrap()]
+        );
 
         let e = forward(&cfg, "reviews", &parts("POST", "/api/12", &[])).unwrap_err();
         assert!(matches!(e, ProxyError::NoRuleMatched { .. }), "{e}");

@@ -176,4 +176,39 @@ impl Upstreams {
         }
         sender.send_request(req).await.map_err(sent_error)
     }
+
+    /// Opens a TCP tunnel through the sidecar at `ep` (which must prove
+    /// `expected`): an HTTP/2 `CONNECT authority` stream on the pooled
+    /// connection, upgraded into a byte stream once the peer answers 200.
+    /// A refusal (any other status) is [`UpstreamError::Connect`]: the peer
+    /// could not reach its application, and nothing was sent.
+    pub async fn tunnel(
+        &self,
+        ep: SocketAddr,
+        expected: &str,
+        authority: &str,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, UpstreamError> {
+        let req = Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri(authority)
+            .body(super::body::full(hyper::body::Bytes::new()))
+            .map_err(|e| UpstreamError::Connect(format!("CONNECT {authority}: {e}")))?;
+        let resp = self.send(ep, expected, req).await?;
+        if resp.status() != hyper::StatusCode::OK {
+            let why = resp
+                .headers()
+                .get(super::error::ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            return Err(UpstreamError::Connect(format!(
+                "peer refused the tunnel with {}: {why}",
+                resp.status()
+            )));
+        }
+        hyper::upgrade::on(resp)
+            .await
+            .map(TokioIo::new)
+            .map_err(|e| UpstreamError::Reset(format!("tunnel upgrade: {e}")))
+    }
 }

@@ -17,10 +17,14 @@
 //! - `watchers`: one process opens 1,000 QUIC watch sessions over the three
 //!   nodes, times each put's arrival at all of them and the reconnect storm
 //!   after a node is killed (see `watchers.rs`).
+//! - `http`: the sidecar data path: added latency, throughput, CPU and RSS
+//!   of a Trellis sidecar pair (mTLS) vs an nginx pair vs direct, HTTP/1.1
+//!   and HTTP/2 (see `http.rs`).
 //!
 //! Progress goes to stderr, results to stdout. `trellisd` must be built in
 //! the same profile (`cargo build --release --bins`); etcd comes from PATH.
 
+mod http;
 mod watchers;
 
 use std::collections::BTreeMap;
@@ -62,6 +66,12 @@ enum Cmd {
     /// Fan-out of committed puts to 1,000 QUIC watch sessions, and the
     /// reconnect storm after a node is killed.
     Watchers(watchers::WatchersArgs),
+    /// Data path: direct vs a Trellis sidecar pair (mTLS) vs an nginx pair,
+    /// at fixed rates and at saturation, HTTP/1.1 and HTTP/2.
+    Http(http::HttpArgs),
+    /// The backend process of `http` (HTTP/1.1 + h2c, "hello world").
+    #[command(hide = true)]
+    Backend(http::BackendArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,6 +208,8 @@ fn main() -> Result<()> {
             Cmd::Failover(a) => failover_bench(a).await,
             Cmd::Soak(a) => soak(a).await,
             Cmd::Watchers(a) => watchers::watchers_bench(a).await,
+            Cmd::Http(a) => http::http_bench(a).await,
+            Cmd::Backend(a) => http::backend(a).await,
         }
     })
 }
