@@ -7,7 +7,8 @@
 //! | `GET /ready` | 200 `ready` once a config is loaded (disk or control plane), else 503 and why |
 //! | `GET /config_dump` | JSON: revision, source, connection, identity, counts, keys, resources |
 //! | `GET /debug/updates` | JSON array of the last applied updates ([`crate::updates`]) |
-//! | `GET /metrics` | Prometheus text: `trellis_requests_total{direction,destination,code}`, `trellis_config_revision` ([`crate::proxy::metrics`]) |
+//! | `GET /endpoints` | JSON: every service with registered instances: its balancer, subsets and endpoints (address, instance, labels, weight, health, requests in flight from this sidecar) |
+//! | `GET /metrics` | Prometheus text: requests, latency histograms, retries, TCP, config revision ([`crate::proxy::metrics`]) |
 //!
 //! Anything else is 404. The bound address is logged and written to
 //! `<data_dir>/admin.addr` (by [`crate::Sidecar::start`]) so tests can use
@@ -28,6 +29,7 @@ use tokio::sync::watch;
 use crate::control::ControlStatus;
 use crate::identity::CurrentIdentity;
 use crate::mesh::{ConfigSource, MeshConfig, Parsed};
+use crate::proxy::balance::Balancer;
 use crate::proxy::Metrics;
 use crate::shutdown::Shutdown;
 use crate::updates::UpdateLog;
@@ -42,6 +44,8 @@ pub struct AdminState {
     pub identity: watch::Receiver<Option<Arc<CurrentIdentity>>>,
     pub updates: Arc<UpdateLog>,
     pub metrics: Arc<Metrics>,
+    /// The request path's balancer state (in-flight counts).
+    pub balancer: Arc<Balancer>,
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -150,6 +154,53 @@ impl AdminState {
         })
     }
 
+    /// `/endpoints`: what the balancer picks from, per service, at the
+    /// current revision.
+    pub fn endpoints(&self) -> Value {
+        let cfg = Arc::clone(&self.config.borrow());
+        let mut services: Vec<(&str, &str)> = cfg.services_with_instances().collect();
+        services.sort();
+        let list: Vec<Value> = services
+            .into_iter()
+            .map(|(ns, svc)| {
+                let policy = cfg.destination_policy(ns, svc).map(|(_, p)| p);
+                let lb = policy
+                    .and_then(|p| p.load_balancer.as_ref())
+                    .map_or(trellis_resources::policy::DEFAULT_LB_POLICY, |l| l.policy);
+                let subsets: Vec<Value> = policy
+                    .map(|p| {
+                        p.subsets
+                            .iter()
+                            .map(|s| json!({"name": s.name, "labels": s.labels}))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let eps: Vec<Value> = cfg
+                    .instances(ns, svc)
+                    .map(|(r, i)| {
+                        let addr = SocketAddr::new(i.address, i.port);
+                        json!({
+                            "address": addr.to_string(),
+                            "instance": r.metadata.name,
+                            "labels": i.labels,
+                            "weight": i.weight,
+                            "health": i.health,
+                            "in_flight": self.balancer.inflight.in_flight(addr),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "namespace": ns,
+                    "service": svc,
+                    "load_balancer": lb,
+                    "subsets": subsets,
+                    "endpoints": eps,
+                })
+            })
+            .collect();
+        json!({"revision": cfg.revision, "services": list})
+    }
+
     /// Routes one request.
     pub fn handle(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
         if method != Method::GET && method != Method::HEAD {
@@ -163,6 +214,7 @@ impl AdminState {
             },
             "/config_dump" => json_response(&self.config_dump()),
             "/debug/updates" => json_response(&self.updates.records()),
+            "/endpoints" => json_response(&self.endpoints()),
             "/metrics" => {
                 let revision = self.config.borrow().revision;
                 let mut r = text(StatusCode::OK, self.metrics.render(revision));
@@ -175,7 +227,7 @@ impl AdminState {
             _ => text(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "no route {path}; try /live, /ready, /config_dump, /debug/updates, /metrics\n"
+                    "no route {path}; try /live, /ready, /config_dump, /endpoints, /debug/updates, /metrics\n"
                 ),
             ),
         }
@@ -242,6 +294,7 @@ mod tests {
                 identity,
                 updates: Arc::clone(cache.log()),
                 metrics: Arc::default(),
+                balancer: Arc::default(),
             },
             status_tx,
         )

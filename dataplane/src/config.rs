@@ -639,6 +639,49 @@ mod tests {
     }
 
     #[test]
+    fn tcp_forward_flags_and_fields_are_checked() {
+        let f = TcpForwardConfig::parse_flag("127.0.0.1:15432=db.data:5432").unwrap();
+        assert_eq!(
+            f,
+            TcpForwardConfig {
+                listen: "127.0.0.1:15432".into(),
+                service: "db.data".into(),
+                port: 5432
+            }
+        );
+        for bad in ["127.0.0.1:1", "a=db", "a=db:x"] {
+            assert!(TcpForwardConfig::parse_flag(bad).is_err(), "{bad}");
+        }
+        let base = || SidecarConfig {
+            seeds: vec!["127.0.0.1:1".into()],
+            data_dir: "/tmp/x".into(),
+            ca_file: "/tmp/ca.pem".into(),
+            ..SidecarConfig::default()
+        };
+        assert!(base().validate().is_ok());
+        let mut c = base();
+        c.tcp_forward = vec![TcpForwardConfig {
+            listen: "nope".into(),
+            service: "db".into(),
+            port: 1,
+        }];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("tcp_forward[0].listen:"), "{e}");
+        c.tcp_forward[0].listen = "127.0.0.1:0".into();
+        c.tcp_forward[0].service = "Bad_Name".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("tcp_forward[0].service:"), "{e}");
+        let mut c = base();
+        c.drain_timeout_ms = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("drain_timeout_ms:"), "{e}");
+        let mut c = base();
+        c.access_log = Some(String::new());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("access_log:"), "{e}");
+    }
+
+    #[test]
     fn defaults_are_the_named_constants() {
         let c = minimal();
         c.validate().unwrap();

@@ -266,6 +266,7 @@ impl Sidecar {
                 })?,
         };
         let drain = Drain::default();
+        let balancer = Arc::new(Balancer::default());
         let admin_state = AdminState {
             sidecar_name: sidecar_name.clone(),
             config: cache.subscribe(),
@@ -274,6 +275,7 @@ impl Sidecar {
             identity: identity_tx.subscribe(),
             updates: Arc::clone(&updates),
             metrics: Arc::clone(&metrics),
+            balancer: Arc::clone(&balancer),
         };
         let (admin_trigger, admin_shutdown) = shutdown::channel();
         let admin_task = tokio::spawn(admin::serve(listener, admin_state, admin_shutdown));
@@ -288,7 +290,7 @@ impl Sidecar {
                 .as_ref()
                 .map(|i| i.labels.clone())
                 .unwrap_or_default(),
-            balancer: Balancer::default(),
+            balancer,
             upstreams: Upstreams::new(Arc::clone(&tls)),
             tls: Arc::clone(&tls),
             metrics: Arc::clone(&metrics),

@@ -18,6 +18,7 @@
 //! * latency histograms and per-route request counts in `/metrics`;
 //! * balancers from the DestinationPolicy: consistent hash on a header is
 //!   sticky, round robin alternates;
+//! * `/endpoints` shows the balancer, the endpoints and requests in flight;
 //! * SIGTERM to a server sidecar: the request in flight finishes (drain),
 //!   its instance leaves the registry, and traffic then goes only to the
 //!   other instance, none failing.
@@ -617,6 +618,20 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
         }));
     }
     arrived.acquire_many(2).await?.forget();
+    // Both are in flight: A's /endpoints shows one request on each.
+    let eps = a.get_json("/endpoints").await?;
+    let web = eps["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["service"] == "web"))
+        .context("no web in /endpoints")?;
+    ensure!(web["load_balancer"] == "roundRobin", "{web}");
+    let in_flight: Vec<u64> = web["endpoints"]
+        .as_array()
+        .context("endpoints")?
+        .iter()
+        .map(|e| e["in_flight"].as_u64().unwrap_or(99))
+        .collect();
+    ensure!(in_flight == [1, 1], "{web}");
     let stop = tokio::spawn(async move {
         web2.stop(Duration::from_secs(20)).await?;
         Ok::<SidecarProc, anyhow::Error>(web2)

@@ -70,8 +70,8 @@ pub struct Outbound {
     pub source: String,
     /// This instance's labels, for `sourceLabels` matches.
     pub labels: BTreeMap<String, String>,
-    /// In-flight counts and balancer state.
-    pub balancer: Balancer,
+    /// In-flight counts and balancer state (shared with `/endpoints`).
+    pub balancer: Arc<Balancer>,
     /// Pooled connections to peer sidecars.
     pub upstreams: Upstreams,
     /// The identity (for the trust domain of expected peer IDs).

@@ -322,6 +322,34 @@ mod tests {
     }
 
     #[test]
+    fn tcp_rules_by_port_then_the_service() {
+        const DB: &str = r#"{"apiVersion":"trellis/v1","kind":"Service","metadata":{"name":"db","namespace":"default"},"spec":{"ports":[{"name":"pg","port":5432,"protocol":"tcp"},{"name":"admin","port":8080,"protocol":"http"}]}}"#;
+        const DB_ROUTE: &str = r#"{"apiVersion":"trellis/v1","kind":"Route","metadata":{"name":"db","namespace":"default"},"spec":{"hosts":["db"],"tcp":[{"port":5432,"route":[{"destination":{"service":"db","subset":"primary"}}]}]}}"#;
+        let cfg = config(&[SVC, DB, DB_ROUTE]);
+        let t = decide_tcp(&cfg, "db", "default", 5432).unwrap();
+        assert_eq!((t.service, t.subset), ("db", Some("primary")));
+        // Another port: no rule, every instance.
+        let t = decide_tcp(&cfg, "db", "default", 6000).unwrap();
+        assert_eq!((t.service, t.subset), ("db", None));
+        let e = decide_tcp(&cfg, "nosuch", "default", 1).unwrap_err();
+        assert_eq!(e.to_string(), "no route for host nosuch.default:1");
+        // Ports name services only when exactly one declares them.
+        assert_eq!(
+            cfg.service_for_port("default", 5432),
+            Some(("db", trellis_resources::Protocol::Tcp))
+        );
+        assert_eq!(
+            cfg.service_for_port("default", 9080),
+            Some(("reviews", trellis_resources::Protocol::Http))
+        );
+        assert_eq!(cfg.service_for_port("default", 1), None);
+        assert_eq!(cfg.service_for_port("other", 5432), None);
+        const WEB: &str = r#"{"apiVersion":"trellis/v1","kind":"Service","metadata":{"name":"web","namespace":"default"},"spec":{"ports":[{"name":"http","port":8080,"protocol":"http2"}]}}"#;
+        let cfg = config(&[SVC, DB, WEB]);
+        assert_eq!(cfg.service_for_port("default", 8080), None, "ambiguous");
+    }
+
+    #[test]
     fn hosts() {
         assert_eq!(parse_host("reviews", "default"), ("reviews", "default"));
         assert_eq!(
