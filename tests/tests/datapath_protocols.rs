@@ -13,6 +13,7 @@
 //! * a port the Service declares `http2` gets HTTP/2 at the app whatever
 //!   the caller spoke (the `http` case, HTTP/1.1 at the app, is in
 //!   datapath.rs);
+//! * the outbound listener used as `HTTP_PROXY` (absolute-form requests);
 //! * `traceparent`: the app sees the caller's trace continued through two
 //!   hops, and the access logs of both sidecars chain the spans;
 //! * latency histograms and per-route request counts in `/metrics`;
@@ -503,6 +504,10 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
     let (head, _) = http1(out, "web", "/h1").await?;
     ensure!(head.starts_with("http/1.1 200"), "{head}");
     ensure!(head.contains("x-seen-version: http/2.0"), "{head}");
+    // The outbound listener as the app's HTTP_PROXY: absolute-form target.
+    let (head, body) = http1(out, "web:8080", "http://web:8080/proxied").await?;
+    ensure!(head.starts_with("http/1.1 200"), "{head}");
+    ensure!(body.starts_with("web-"), "{body}");
 
     // Round robin over two instances alternates.
     let mut bodies = Vec::new();

@@ -4,10 +4,13 @@
 //! else (opaque TCP). Bytes read to decide are replayed to whichever path
 //! takes the connection ([`Rewind`]).
 //!
-//! A client that sends nothing within [`DETECT_TIMEOUT`] is opaque TCP:
-//! server-first protocols (MySQL, SMTP) wait for the server to speak. Ports
-//! a `Service` declares `tcp` skip detection altogether, and so never pay
-//! that wait.
+//! On an intercepted connection, a client that sends nothing within
+//! [`DETECT_TIMEOUT`] is opaque TCP: server-first protocols (MySQL, SMTP)
+//! wait for the server to speak. Ports a `Service` declares `tcp` skip
+//! detection altogether, and so never pay that wait. A connection made to
+//! the outbound listener itself can only be HTTP (opaque TCP there has no
+//! destination), so it may stay silent longer ([`IDLE_BEFORE_FIRST_BYTES`];
+//! connection pools open connections before they need them).
 
 use std::io;
 use std::pin::Pin;
@@ -22,6 +25,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 /// enough for any client that speaks first, short enough that a
 /// server-first protocol on an undeclared port barely notices.
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// How long a connection made to the outbound listener itself may stay
+/// silent before its first request: as long as a typical HTTP keep-alive
+/// idle timeout, so pooled idle connections are not cut, yet a forgotten
+/// socket does not hold a task forever.
+pub const IDLE_BEFORE_FIRST_BYTES: Duration = Duration::from_secs(60);
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -63,12 +72,15 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     Some(Protocol::Opaque)
 }
 
-/// Reads from `io` until the protocol is known, the client goes quiet for
-/// [`DETECT_TIMEOUT`] (opaque) or closes. Returns the protocol and the
-/// bytes read, to be replayed with [`Rewind`].
-pub async fn detect<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(Protocol, Bytes)> {
+/// Reads from `io` until the protocol is known, `quiet` passes (opaque) or
+/// the client closes. Returns the protocol and the bytes read, to be
+/// replayed with [`Rewind`].
+pub async fn detect<S: AsyncRead + Unpin>(
+    io: &mut S,
+    quiet: Duration,
+) -> io::Result<(Protocol, Bytes)> {
     let mut buf = Vec::with_capacity(H2_PREFACE.len());
-    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + quiet;
     loop {
         if let Some(p) = classify(&buf) {
             return Ok((p, buf.into()));
@@ -171,7 +183,7 @@ mod tests {
             client.write_all(b"ST /x HTTP/1.1\r\n\r\n").await.unwrap();
             client
         });
-        let (p, prefix) = detect(&mut server).await.unwrap();
+        let (p, prefix) = detect(&mut server, DETECT_TIMEOUT).await.unwrap();
         assert_eq!(p, Protocol::Http1);
         let _client = writer.await.unwrap();
         let mut r = Rewind::new(prefix, server);
@@ -183,7 +195,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_client_is_opaque_after_the_timeout() {
         let (_client, mut server) = tokio::io::duplex(64);
-        let (p, prefix) = detect(&mut server).await.unwrap();
+        let (p, prefix) = detect(&mut server, DETECT_TIMEOUT).await.unwrap();
         assert_eq!(p, Protocol::Opaque);
         assert!(prefix.is_empty());
     }

@@ -224,13 +224,20 @@ impl Outbound {
                 return tcp::outbound(&self, stream, svc, &ns, d.port()).await;
             }
             (Some(_), _) => None,
-            (None, _) => match detect::detect(&mut stream).await {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::debug!(peer = %peer, error = %e, "outbound connection lost during detection");
-                    return;
+            (None, _) => {
+                let quiet = if orig.is_some() {
+                    detect::DETECT_TIMEOUT
+                } else {
+                    detect::IDLE_BEFORE_FIRST_BYTES
+                };
+                match detect::detect(&mut stream, quiet).await {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        tracing::debug!(peer = %peer, error = %e, "outbound connection lost during detection");
+                        return;
+                    }
                 }
-            },
+            }
         };
         let (protocol, prefix) = protocol.unwrap_or((detect::Protocol::Http1, Bytes::new()));
         let io = Rewind::new(prefix, stream);
