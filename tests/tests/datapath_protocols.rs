@@ -7,6 +7,8 @@
 //!   `echo` sidecar → tonic server, HTTP/2 all the way to the app, the
 //!   caller's SPIFFE ID in the metadata); an unknown service answers gRPC
 //!   status UNIMPLEMENTED with the reason;
+//! * a tunnel to a port not declared `tcp` is refused (403 at the far
+//!   side, the client's connection closed);
 //! * raw TCP through A's `--tcp-forward` listener and a CONNECT tunnel to
 //!   the `db` sidecar (1 MiB echoed byte for byte), counted in A's TCP
 //!   metrics;
@@ -363,8 +365,9 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
         &server_args(web2_app, &["--drain-timeout-ms", "10000"]),
     )
     .await?;
-    let tcp_port = trellis_tests::free_ports(1)?[0];
-    let tcp_listen = SocketAddr::from(([127, 0, 0, 1], tcp_port));
+    let tcp_ports = trellis_tests::free_ports(2)?;
+    let tcp_listen = SocketAddr::from(([127, 0, 0, 1], tcp_ports[0]));
+    let bad_tcp_listen = SocketAddr::from(([127, 0, 0, 1], tcp_ports[1]));
     let a_log = c.dir().join("productpage-access.log");
     let a = sidecar(
         &c,
@@ -373,6 +376,8 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
         &[
             "--tcp-forward".into(),
             format!("{tcp_listen}=db:5432"),
+            "--tcp-forward".into(),
+            format!("{bad_tcp_listen}=web:8080"),
             "--access-log".into(),
             a_log.display().to_string(),
         ],
@@ -446,6 +451,13 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
         .context("a call to an unknown service succeeded")?;
     ensure!(st.code() == tonic::Code::Unimplemented, "{st:?}");
     ensure!(st.message() == "no route for host nosuch:50051", "{st:?}");
+    // Unrouted requests share one metrics label, whatever host they named.
+    let m = a.get("/metrics").await?.1;
+    ensure!(
+        m.contains("trellis_requests_total{direction=\"outbound\",source=\"default/productpage\",destination=\"unknown\",route=\"-\",code=\"200\"} 1"),
+        "{m}"
+    );
+    ensure!(!m.contains("nosuch"), "{m}");
 
     // Raw TCP: 1 MiB through the tunnel, echoed byte for byte.
     let payload: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
@@ -480,6 +492,30 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
         ),
         "{m}"
     );
+
+    // A tunnel to a port not declared `tcp` is refused by the far side
+    // (a raw stream to an HTTP app could forge x-trellis-source): the
+    // client sees its connection closed without a byte.
+    let mut s = TcpStream::connect(bad_tcp_listen).await?;
+    let _ = s
+        .write_all(b"GET / HTTP/1.1\r\nx-trellis-source: forged\r\n\r\n")
+        .await;
+    let mut got = Vec::new();
+    // Closed with our bytes unread, the socket may well be reset.
+    match tokio::time::timeout(STEP, s.read_to_end(&mut got))
+        .await
+        .context("refused tunnel not closed")?
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => return Err(e.into()),
+    }
+    ensure!(
+        got.is_empty(),
+        "refused tunnel answered {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(s);
 
     // `web` declares http2: HTTP/2 stays HTTP/2 and HTTP/1.1 is converted
     // to HTTP/2 for the app; traceparent is continued.
@@ -558,6 +594,14 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
             && a_line["code"] == 200
             && a_line["protocol"] == "HTTP/2",
         "{a_line}"
+    );
+    ensure!(
+        a_lines.iter().any(|l| l["protocol"] == "TCP"
+            && l["destination"] == "default/web/-"
+            && l["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("forbidden: default/web declares no tcp port 8080"))),
+        "no refused-tunnel line: {a_lines:?}"
     );
     ensure!(
         a_lines.iter().any(|l| l["protocol"] == "TCP"

@@ -25,6 +25,9 @@
 //!   sidecar → mutual TLS → reviews' sidecar → backend;
 //! * root (excluded) dialling 127.0.0.1:9080 is refused: nothing listens
 //!   there and root is not redirected;
+//! * destinations outside the mesh (ports no Service declares) pass
+//!   through unchanged: HTTP (the server sees no `x-trellis-source`) and
+//!   opaque TCP;
 //! * opaque TCP: the application's bytes to 127.0.0.1:7001 come back from
 //!   the echo server through the sidecars (the outbound sidecar maps the
 //!   original destination port to the `echo` Service);
@@ -428,6 +431,30 @@ async fn interception_in_netns() -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
         other => bail!("root's connection to 127.0.0.1:9080: {other:?}, expected refused"),
     }
+
+    // Outside the mesh: HTTP and opaque TCP to ports no Service declares
+    // pass through unchanged (no mTLS hop, so no x-trellis-source).
+    let outside = backend().await?;
+    let request = b"GET /ext HTTP/1.1\r\nHost: example.org\r\nConnection: close\r\n\r\n";
+    let answer = app(outside.port(), "http", request).await?;
+    let lower = answer.to_ascii_lowercase();
+    ensure!(
+        lower.starts_with("http/1.1 200") && answer.contains(BODY),
+        "passthrough HTTP got:\n{answer}\n--- productpage\n{}",
+        pp.log_tail()
+    );
+    ensure!(
+        !lower.contains("x-seen-source") && lower.contains("x-seen-path: /ext"),
+        "passthrough HTTP went through the mesh:\n{answer}"
+    );
+    let outside_echo = echo_server().await?;
+    let payload = format!("outside bytes {:016x}\n", rand::random::<u64>());
+    let got = app(outside_echo.port(), "echo", payload.as_bytes()).await?;
+    ensure!(
+        got == payload,
+        "passthrough TCP: sent {payload:?}, got {got:?}"
+    );
+    let request = b"GET /x HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n";
 
     // Opaque TCP to the echo Service's port. Checked after the rest so a
     // failure here still lets cleanup be verified; reported at the end.

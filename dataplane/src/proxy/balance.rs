@@ -70,6 +70,11 @@ pub fn endpoints(cfg: &MeshConfig, target: &Target<'_>) -> Result<Vec<Endpoint>,
     Ok(eps)
 }
 
+/// Entries in the in-flight map before idle ones are pruned: more
+/// endpoints than a sidecar usually talks to, few enough that a prune is
+/// cheap.
+pub const INFLIGHT_PRUNE_AT: usize = 4096;
+
 /// Requests in flight per endpoint, for least-request balancing.
 #[derive(Debug, Default)]
 pub struct InFlight {
@@ -94,7 +99,14 @@ impl InFlight {
             }
         }
         match self.counts.write() {
-            Ok(mut m) => Arc::clone(m.entry(ep).or_default()),
+            Ok(mut m) => {
+                // Endpoints come and go with deployments: past a bound,
+                // forget the idle ones (a forgotten count was zero).
+                if m.len() >= INFLIGHT_PRUNE_AT && !m.contains_key(&ep) {
+                    m.retain(|_, c| Arc::strong_count(c) > 1 || c.load(Ordering::Relaxed) > 0);
+                }
+                Arc::clone(m.entry(ep).or_default())
+            }
             // A poisoned map only loses balancing precision.
             Err(_) => Arc::new(AtomicU64::new(0)),
         }
@@ -234,8 +246,19 @@ fn rendezvous(eps: &[Endpoint], key: &[u8]) -> SocketAddr {
     let mut best = eps[0].addr;
     let mut best_score = f64::MIN;
     for e in eps {
-        let addr = e.addr.to_string();
-        let h = hash64(&[key, addr.as_bytes()]);
+        let mut buf = [0u8; 18];
+        let n = match e.addr.ip() {
+            std::net::IpAddr::V4(ip) => {
+                buf[..4].copy_from_slice(&ip.octets());
+                4
+            }
+            std::net::IpAddr::V6(ip) => {
+                buf[..16].copy_from_slice(&ip.octets());
+                16
+            }
+        };
+        buf[n..n + 2].copy_from_slice(&e.addr.port().to_be_bytes());
+        let h = hash64(&[key, &buf[..n + 2]]);
         // 53 random bits into (0, 1).
         let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
         let score = -f64::from(e.weight) / u.ln();

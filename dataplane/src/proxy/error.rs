@@ -57,6 +57,13 @@ pub enum ProxyError {
     /// retries ([`super::retry`]).
     #[error("request body: {reason}")]
     RequestBody { reason: String },
+    /// The request is not allowed here (e.g. a tunnel to a port that is
+    /// not declared `tcp`).
+    #[error("forbidden: {reason}")]
+    Forbidden { reason: String },
+    /// The outbound listener does not do this (e.g. HTTP/1.1 CONNECT).
+    #[error("not supported: {what}")]
+    Unsupported { what: String },
     /// This sidecar has no certificate yet (still joining).
     #[error("sidecar has no identity yet")]
     NoIdentity,
@@ -67,6 +74,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoHost | ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ProxyError::Unsupported { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoRoute { .. } | ProxyError::NoRuleMatched { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyEndpoint { .. } | ProxyError::NoIdentity => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -78,11 +87,14 @@ impl ProxyError {
 
     /// The gRPC status code matching [`ProxyError::status`] (gRPC's own
     /// HTTP-to-gRPC mapping: 404 UNIMPLEMENTED, 503/502 UNAVAILABLE, 504
-    /// DEADLINE_EXCEEDED, 400 INTERNAL).
+    /// DEADLINE_EXCEEDED, 400 INTERNAL, 403 PERMISSION_DENIED, 405
+    /// UNIMPLEMENTED).
     pub fn grpc_status(&self) -> u8 {
         match self {
             ProxyError::NoHost | ProxyError::RequestBody { .. } => 13,
             ProxyError::NoRoute { .. } | ProxyError::NoRuleMatched { .. } => 12,
+            ProxyError::Forbidden { .. } => 7,
+            ProxyError::Unsupported { .. } => 12,
             ProxyError::Timeout { .. } => 4,
             _ => 14,
         }

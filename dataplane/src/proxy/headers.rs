@@ -17,8 +17,16 @@ const HOP_BY_HOP: [&str; 7] = [
     "trailer",
 ];
 
-/// Removes hop-by-hop headers and any header the `Connection` header names.
+/// Removes hop-by-hop headers and any header the `Connection` header names,
+/// except `te: trailers`: HTTP/2 allows exactly that value, and gRPC
+/// servers may insist on it.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let te_trailers = h.get_all(hyper::header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     let named: Vec<String> = h
         .get_all(hyper::header::CONNECTION)
         .iter()
@@ -32,6 +40,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
     for n in HOP_BY_HOP {
         h.remove(n);
+    }
+    if te_trailers {
+        h.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -65,5 +76,14 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-bar"));
+        // te: trailers (gRPC) survives; other te values do not.
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["te"], "trailers");
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
     }
 }

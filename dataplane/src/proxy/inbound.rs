@@ -36,6 +36,9 @@ use super::headers;
 use super::metrics::{Direction, Metrics, RequestLabels};
 use super::route::NO_RULE;
 use super::tls::TlsSource;
+use super::upstream::{
+    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS, STREAM_WINDOW,
+};
 use super::{tcp, trace};
 use crate::shutdown::Shutdown;
 
@@ -110,14 +113,30 @@ impl Inbound {
         }
     }
 
-    /// The protocol the Service declares for `port` (or its only port).
-    fn declared_protocol(&self, port: Option<u16>) -> Option<trellis_resources::Protocol> {
+    /// The protocol the Service declares for `port` (exactly that port;
+    /// with `only_port`, the Service's only port when `port` is not one).
+    fn declared_protocol(
+        &self,
+        port: Option<u16>,
+        only_port: bool,
+    ) -> Option<trellis_resources::Protocol> {
         let cfg = self.config.borrow();
         let (_, svc) = cfg.service(&self.namespace, &self.service)?;
         match port.and_then(|p| svc.ports.iter().find(|x| x.port == p)) {
             Some(p) => Some(p.protocol),
-            None if svc.ports.len() == 1 => Some(svc.ports[0].protocol),
+            None if only_port && svc.ports.len() == 1 => Some(svc.ports[0].protocol),
             None => None,
+        }
+    }
+
+    /// The authority requests to the app carry, and the key of the pool of
+    /// app connections: `service.namespace`, with the port only when the
+    /// Service declares it. A peer cannot multiply pooled connections to
+    /// the app by varying `:authority`.
+    fn app_authority(&self, port: Option<u16>) -> String {
+        match port.filter(|p| self.declared_protocol(Some(*p), false).is_some()) {
+            Some(p) => format!("{}.{}:{p}", self.service, self.namespace),
+            None => format!("{}.{}", self.service, self.namespace),
         }
     }
 
@@ -134,9 +153,9 @@ impl Inbound {
 }
 
 /// Connects every request to the application's address, whatever its URI
-/// says: requests keep the authority the caller used (the app sees
-/// `Host: reviews:9080`, not its own socket address), and the pool is keyed
-/// by that authority.
+/// says, so requests can carry a service authority (`reviews.default:9080`)
+/// instead of the app's socket address; the pool is keyed by that
+/// authority ([`Inbound::app_authority`]).
 #[derive(Debug, Clone, Copy)]
 pub struct AppConnector(pub SocketAddr);
 
@@ -229,6 +248,11 @@ async fn connection(
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     let r = async {
@@ -261,6 +285,20 @@ impl Inbound {
         caller: &Caller,
     ) -> Response<ProxyBody> {
         if req.method() == Method::CONNECT {
+            // Tunnels only to ports declared `tcp`: a raw stream to an HTTP
+            // port would let the caller write its own x-trellis-source.
+            let port = req.uri().port_u16();
+            if self.declared_protocol(port, false) != Some(trellis_resources::Protocol::Tcp) {
+                return ProxyError::Forbidden {
+                    reason: format!(
+                        "{}/{} declares no tcp port {}",
+                        self.namespace,
+                        self.service,
+                        port.map_or("(none)".to_string(), |p| p.to_string())
+                    ),
+                }
+                .into_response(false);
+            }
             return tcp::inbound(self, req, caller.name.clone()).await;
         }
         let start = Instant::now();
@@ -271,7 +309,7 @@ impl Inbound {
             String::new()
         };
         let span = trace::Span::from_headers(req.headers());
-        let restore_h1 = match self.declared_protocol(req.uri().port_u16()) {
+        let restore_h1 = match self.declared_protocol(req.uri().port_u16(), true) {
             Some(trellis_resources::Protocol::Http) => true,
             Some(trellis_resources::Protocol::Http2 | trellis_resources::Protocol::Grpc) => false,
             Some(trellis_resources::Protocol::Tcp) | None => {
@@ -343,16 +381,13 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let (mut parts, body) = req.into_parts();
-        // The authority the caller used stays the request's (Host for
-        // HTTP/1.1, :authority for HTTP/2); the connector goes to the app.
-        let authority = match parts.uri.authority() {
-            Some(a) => a.as_str().to_string(),
-            None => self.app_addr.to_string(),
-        };
+        // HTTP/1.1 keeps the Host the caller used; the URI (HTTP/2's
+        // :authority, and the pool key) is the canonical app authority.
+        let caller_authority = parts.uri.authority().map(|a| a.as_str().to_string());
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = Uri::builder()
             .scheme("http")
-            .authority(authority.as_str())
+            .authority(self.app_authority(parts.uri.port_u16()))
             .path_and_query(pq)
             .build();
         let Ok(uri) = uri else {
@@ -360,7 +395,7 @@ impl Inbound {
         };
         parts.uri = uri;
         if !parts.headers.contains_key(HOST) {
-            if let Ok(v) = HeaderValue::from_str(&authority) {
+            if let Some(v) = caller_authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
                 parts.headers.insert(HOST, v);
             }
         }

@@ -6,14 +6,17 @@
 //! original destination comes from `SO_ORIGINAL_DST`, [`super::orig_dst`]).
 //! Per connection ([`Outbound::connection`]):
 //!
-//! 1. an intercepted destination port that exactly one `Service` of the
-//!    namespace declares decides the protocol: `tcp` goes to the TCP path
-//!    ([`super::tcp`]) without reading a byte, `http`/`http2`/`grpc` to
-//!    HTTP; otherwise the first bytes decide ([`super::detect`]);
+//! 1. an intercepted connection to a mesh service ([`mesh_destination`]:
+//!    a loopback or instance address, on a port exactly one `Service` of
+//!    the namespace declares) takes that port's protocol: `tcp` goes to
+//!    the TCP path ([`super::tcp`]) without reading a byte,
+//!    `http`/`http2`/`grpc` to HTTP; otherwise the first bytes decide
+//!    ([`super::detect`]);
 //! 2. HTTP/1.1 and HTTP/2 (prior knowledge) are served by hyper-util's auto
 //!    server, each request through the path written in [`crate::proxy`];
-//!    an intercepted request whose host is no mesh service is routed by the
-//!    service of its original destination port;
+//!    an intercepted request whose host is no mesh service goes to the
+//!    service of its original destination, or, when that is outside the
+//!    mesh, to the original destination unchanged ([`Passthrough`]);
 //! 3. opaque TCP goes to the service of the original destination port, or
 //!    through unchanged when that is no mesh service; on a connection that
 //!    was not intercepted it has no destination and is closed.
@@ -31,6 +34,8 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -84,6 +89,108 @@ pub struct Outbound {
     pub access_log: AccessLog,
     /// Live connections, for the drain at shutdown.
     pub drain: Drain,
+    /// Clients for intercepted HTTP to destinations outside the mesh.
+    pub passthrough: Passthrough,
+}
+
+/// What the request path knows about a connection.
+#[derive(Debug, Default)]
+pub struct ConnCtx {
+    /// The mesh service of an intercepted connection's original
+    /// destination ([`mesh_destination`]).
+    pub service: Option<String>,
+    /// The original destination, if the connection was intercepted.
+    pub orig: Option<SocketAddr>,
+}
+
+/// The mesh service an intercepted connection to `d` is for: the one
+/// Service of namespace `ns` declaring `d`'s port, if `d` is a loopback
+/// address (the app dials `127.0.0.1:<service port>`) or the address of one
+/// of that service's instances. A port alone does not capture traffic to
+/// other hosts (an external database on the same port stays external).
+pub fn mesh_destination(cfg: &MeshConfig, ns: &str, d: SocketAddr) -> Option<(String, Protocol)> {
+    let (svc, protocol) = cfg.service_for_port(ns, d.port())?;
+    let ours = d.ip().is_loopback() || cfg.instances(ns, svc).any(|(_, i)| i.address == d.ip());
+    ours.then(|| (svc.to_string(), protocol))
+}
+
+/// HTTP clients for intercepted requests whose host is no mesh service:
+/// they go to the original destination unchanged (no mTLS, no routing), in
+/// the HTTP version they came in.
+#[derive(Debug)]
+pub struct Passthrough {
+    http1: Client<HttpConnector, ProxyBody>,
+    http2: Client<HttpConnector, ProxyBody>,
+}
+
+impl Default for Passthrough {
+    fn default() -> Self {
+        let mut c = HttpConnector::new();
+        c.set_nodelay(true);
+        c.set_connect_timeout(Some(super::upstream::CONNECT_TIMEOUT));
+        Passthrough {
+            http1: Client::builder(TokioExecutor::new()).build(c.clone()),
+            http2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(c),
+        }
+    }
+}
+
+impl Passthrough {
+    async fn forward(
+        &self,
+        mut parts: hyper::http::request::Parts,
+        body: Incoming,
+        orig: SocketAddr,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let authority = parts.uri.authority().map(|a| a.as_str().to_string());
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(orig.to_string())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::NoHost)?;
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let client = if parts.version == Version::HTTP_2 {
+            &self.http2
+        } else {
+            if !parts.headers.contains_key(HOST) {
+                if let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                    parts.headers.insert(HOST, v);
+                }
+            }
+            parts.version = Version::HTTP_11;
+            &self.http1
+        };
+        let fail = |e: hyper_util::client::legacy::Error| {
+            let reason = match std::error::Error::source(&e) {
+                Some(s) => format!("{e}: {s}"),
+                None => e.to_string(),
+            };
+            if e.is_connect() {
+                ProxyError::Connect {
+                    service: tcp::PASSTHROUGH.into(),
+                    subset: "-".into(),
+                    endpoint: orig.to_string(),
+                    reason,
+                }
+            } else {
+                ProxyError::Reset {
+                    service: tcp::PASSTHROUGH.into(),
+                    subset: "-".into(),
+                    endpoint: orig.to_string(),
+                    reason,
+                }
+            }
+        };
+        let resp = client
+            .request(Request::from_parts(parts, body.boxed()))
+            .await
+            .map_err(fail)?;
+        Ok(resp.map(|b| b.boxed()))
+    }
 }
 
 /// A dedicated TCP listener's destination.
@@ -134,7 +241,7 @@ pub(crate) async fn accept(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, peer)) => {
-                    let _ = s.set_nodelay(true);
+                    tcp::tune_socket(&s);
                     return Some((s, peer));
                 }
                 Err(e) => {
@@ -194,6 +301,9 @@ fn protocol_name(v: Version) -> &'static str {
     }
 }
 
+/// The destination label of requests that found no route.
+pub const UNROUTED: &str = "unknown";
+
 /// What a request became, for its metrics and access-log line.
 struct Done {
     destination: String,
@@ -215,8 +325,7 @@ impl Outbound {
         let orig = orig_dst::original_dst(&stream);
         let declared = orig.and_then(|d| {
             let cfg = self.config.borrow();
-            cfg.service_for_port(&self.namespace, d.port())
-                .map(|(svc, p)| (svc.to_string(), p))
+            mesh_destination(&cfg, &self.namespace, d)
         });
         let protocol = match (&declared, orig) {
             (Some((svc, Protocol::Tcp)), Some(d)) => {
@@ -253,12 +362,15 @@ impl Outbound {
             }
             return;
         }
-        let fallback: Option<Arc<str>> = declared.map(|(svc, _)| Arc::from(svc.as_str()));
+        let conn = Arc::new(ConnCtx {
+            service: declared.map(|(svc, _)| svc),
+            orig,
+        });
         let out = Arc::clone(&self);
         let svc = hyper::service::service_fn(move |req| {
             let out = Arc::clone(&out);
-            let fallback = fallback.clone();
-            async move { Ok::<_, Infallible>(out.handle(req, fallback.as_deref()).await) }
+            let conn = Arc::clone(&conn);
+            async move { Ok::<_, Infallible>(out.handle(req, &conn).await) }
         });
         if let Err(e) = serve_http(io, svc, shutdown).await {
             tracing::debug!(peer = %peer, error = %e, "outbound connection ended with an error");
@@ -282,13 +394,9 @@ impl Outbound {
     }
 
     /// One request, start to end; errors become responses here via
-    /// [`ProxyError::into_response`]. `fallback` is the service of an
-    /// intercepted connection's original destination.
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        fallback: Option<&str>,
-    ) -> Response<ProxyBody> {
+    /// [`ProxyError::into_response`]. `conn` says whether the connection
+    /// was intercepted, and where to.
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnCtx) -> Response<ProxyBody> {
         let start = Instant::now();
         let logging = self.access_log.enabled();
         let start_time = if logging {
@@ -310,13 +418,15 @@ impl Outbound {
             path = %req.uri().path(), trace_id = %format_args!("{:032x}", span.trace_id),
             span_id = %format_args!("{:016x}", span.span_id));
         let mut done = Done {
-            destination: host.clone(),
+            // Until a route is chosen: a fixed label, so hosts the app
+            // makes up cannot create metric series without bound.
+            destination: UNROUTED.to_string(),
             rule: route::NO_RULE.to_string(),
             upstream: None,
             retries: 0,
         };
         let resp = match self
-            .forward(req, &host, fallback, &span, &mut done)
+            .forward(req, &host, conn, &span, &mut done)
             .instrument(tspan)
             .await
         {
@@ -376,20 +486,38 @@ impl Outbound {
         &self,
         req: Request<Incoming>,
         host: &str,
-        fallback: Option<&str>,
+        conn: &ConnCtx,
         span: &trace::Span,
         done: &mut Done,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        if host.is_empty() && fallback.is_none() {
+        if host.is_empty() && conn.service.is_none() && conn.orig.is_none() {
             return Err(ProxyError::NoHost);
+        }
+        if req.method() == hyper::Method::CONNECT {
+            return Err(ProxyError::Unsupported {
+                what: "CONNECT on the outbound listener".into(),
+            });
         }
         // One snapshot for the whole request: no locks held, no torn view.
         let cfg = Arc::clone(&self.config.borrow());
         let (mut parts, body) = req.into_parts();
         let decided = match route::decide(&cfg, host, &self.namespace, &parts, &self.labels) {
-            Err(ProxyError::NoRoute { .. } | ProxyError::NoHost) if fallback.is_some() => {
-                let fb = fallback.unwrap_or_default();
-                route::decide(&cfg, fb, &self.namespace, &parts, &self.labels)
+            Err(ProxyError::NoRoute { .. } | ProxyError::NoHost) => {
+                match (&conn.service, conn.orig) {
+                    // Intercepted to a mesh service's port: that service.
+                    (Some(svc), _) => {
+                        route::decide(&cfg, svc, &self.namespace, &parts, &self.labels)
+                    }
+                    // Intercepted to somewhere outside the mesh: as sent.
+                    (None, Some(orig)) => {
+                        done.destination = tcp::PASSTHROUGH.to_string();
+                        done.upstream = Some(orig);
+                        return self.passthrough.forward(parts, body, orig).await;
+                    }
+                    (None, None) => Err(ProxyError::NoRoute {
+                        host: host.to_string(),
+                    }),
+                }
             }
             other => other,
         };

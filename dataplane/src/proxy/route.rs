@@ -344,6 +344,25 @@ mod tests {
         );
         assert_eq!(cfg.service_for_port("default", 1), None);
         assert_eq!(cfg.service_for_port("other", 5432), None);
+        // An intercepted destination is a mesh service only on loopback or
+        // at one of its instances' addresses.
+        let cfg2 = config(&[SVC, DB, I1]);
+        let md = |a: &str| {
+            crate::proxy::outbound::mesh_destination(&cfg2, "default", a.parse().unwrap())
+        };
+        assert_eq!(
+            md("127.0.0.1:9080"),
+            Some(("reviews".to_string(), trellis_resources::Protocol::Http))
+        );
+        assert_eq!(
+            md("10.0.0.1:9080"),
+            Some(("reviews".to_string(), trellis_resources::Protocol::Http))
+        );
+        assert_eq!(md("10.0.0.9:9080"), None, "another host on the same port");
+        assert_eq!(
+            md("[::1]:5432").map(|x| x.1),
+            Some(trellis_resources::Protocol::Tcp)
+        );
         const WEB: &str = r#"{"apiVersion":"trellis/v1","kind":"Service","metadata":{"name":"web","namespace":"default"},"spec":{"ports":[{"name":"http","port":8080,"protocol":"http2"}]}}"#;
         let cfg = config(&[SVC, DB, WEB]);
         assert_eq!(cfg.service_for_port("default", 8080), None, "ambiguous");

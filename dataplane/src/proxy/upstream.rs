@@ -27,6 +27,21 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// connection before a request does.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// HTTP/2 flow-control window per stream between sidecars: 1 MiB keeps a
+/// fast stream at full speed on a LAN round trip of a few ms.
+pub const STREAM_WINDOW: u32 = 1 << 20;
+/// HTTP/2 window per connection: 16 streams' worth, so one stream (or
+/// tunnel) whose reader stalls cannot take the whole connection's window
+/// from the others.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Streams in flight per sidecar-to-sidecar connection (both directions):
+/// far above any one caller's concurrency, bounded so a peer cannot make
+/// unbounded work.
+pub const MAX_CONCURRENT_STREAMS: u32 = 4096;
+/// A pooled connection whose keepalive ping is not answered in this long
+/// is dead.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Why a request did not get a response from the peer sidecar.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -132,7 +147,7 @@ impl Upstreams {
             .client_config(expected)
             .map_err(|e| err("tls config", &e))?;
         let tcp = TcpStream::connect(ep).await.map_err(|e| err("tcp", &e))?;
-        let _ = tcp.set_nodelay(true);
+        super::tcp::tune_socket(&tcp);
         let tls = tokio_rustls::TlsConnector::from(tls)
             .connect(ServerName::IpAddress(ep.ip().into()), tcp)
             .await
@@ -140,6 +155,9 @@ impl Upstreams {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| err("http2", &e))?;
@@ -174,7 +192,25 @@ impl Upstreams {
                 .await
                 .map_err(|e| UpstreamError::Connect(format!("connection closed: {e}")))?;
         }
-        sender.send_request(req).await.map_err(sent_error)
+        match sender.try_send_request(req).await {
+            Ok(r) => Ok(r),
+            Err(mut e) => match e.take_message() {
+                // Never written to the connection (it was going away, e.g.
+                // the peer's GOAWAY at its shutdown): safe to send once
+                // more, on a fresh connection, for any request.
+                Some(req) => {
+                    tracing::debug!(endpoint = %ep, error = %e.error(), "request not sent; reconnecting once");
+                    self.forget(&key);
+                    let mut sender = self.sender(&key).await?;
+                    sender
+                        .ready()
+                        .await
+                        .map_err(|e| UpstreamError::Connect(format!("connection closed: {e}")))?;
+                    sender.send_request(req).await.map_err(sent_error)
+                }
+                None => Err(sent_error(e.into_error())),
+            },
+        }
     }
 
     /// Opens a TCP tunnel through the sidecar at `ep` (which must prove
