@@ -1511,7 +1511,8 @@ fn checks(ms: &[Summary], memory: &[Memory]) -> Vec<Check> {
                 limit: ng.map_or("-".into(), |n| format!("{:.0} req/s", n.achieved_rps)),
                 pass: ng.map(|n| tr.achieved_rps >= n.achieved_rps),
             });
-            for c in &tr.cpu {
+            // The target's own processes (the backend is listed too).
+            for c in tr.cpu.iter().filter(|c| c.role.contains("sidecar")) {
                 out.push(Check {
                     what: format!("{proto}: CPU per request, {} (saturation)", c.role),
                     value: format!("{:.1} µs", c.cpu_us_per_req),
