@@ -24,14 +24,14 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use futures::StreamExt;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::body::Bytes;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use trellis_identity::{Ca, Identity};
+use trellis_tests::http::{h2_client, h2_get, h2_request, http1, instances_of, Answer, H2};
 use trellis_tests::sidecar::{apply, sidecar};
 use trellis_tests::{Cluster, ClusterOptions};
 
@@ -130,58 +130,11 @@ async fn backend(name: &'static str) -> Result<SocketAddr> {
 }
 
 fn reviews_instances(d: &Value) -> usize {
-    d["resources"].as_array().map_or(0, |rs| {
-        rs.iter()
-            .filter(|r| r["kind"] == "Instance" && r["spec"]["service"] == "reviews")
-            .count()
-    })
-}
-
-/// An HTTP/2 prior-knowledge connection to A's outbound listener.
-async fn h2_client(
-    addr: SocketAddr,
-) -> Result<hyper::client::conn::http2::SendRequest<Empty<Bytes>>> {
-    let s = TcpStream::connect(addr).await?;
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await?;
-    tokio::spawn(conn);
-    Ok(send)
-}
-
-struct Answer {
-    status: u16,
-    headers: hyper::HeaderMap,
-    body: String,
-}
-
-async fn h2_get(
-    send: &hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
-    authority: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Result<Answer> {
-    let mut b = Request::get(format!("http://{authority}{path}"));
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let mut send = send.clone();
-    send.ready().await?;
-    let resp = send.send_request(b.body(Empty::new())?).await?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).to_string();
-    Ok(Answer {
-        status,
-        headers,
-        body,
-    })
+    instances_of(d, "reviews")
 }
 
 /// Counts answers per backend over `n` requests, `CONCURRENCY` at a time.
-async fn split(
-    send: &hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
-    n: usize,
-) -> Result<(usize, usize)> {
+async fn split(send: &H2, n: usize) -> Result<(usize, usize)> {
     let results: Vec<Result<Answer>> = futures::stream::iter(0..n)
         .map(|_| h2_get(send, "reviews", "/reviews/1", &[]))
         .buffer_unordered(CONCURRENCY)
@@ -204,22 +157,6 @@ async fn split(
         }
     }
     Ok((v1, v2))
-}
-
-/// One raw HTTP/1.1 request (`Connection: close`): (status line, head, body).
-async fn http1_raw(addr: SocketAddr, host: &str, path: &str) -> Result<(String, String)> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf))
-        .await
-        .context("HTTP/1.1 read timeout")??;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
-    Ok((head.to_ascii_lowercase(), body.to_string()))
 }
 
 fn workload_cert(ca: &Ca, service: &str) -> Result<(String, String)> {
@@ -309,7 +246,7 @@ async fn http_through_a_sidecar_pair_routed_balanced_over_mtls() -> Result<()> {
     let out = a.outbound_addr()?;
 
     // HTTP/1.1 end to end, restored to HTTP/1.1 with Host at the far side.
-    let (head, body) = http1_raw(out, "reviews:9080", "/reviews/1").await?;
+    let (head, body) = http1(out, "reviews:9080", "/reviews/1").await?;
     ensure!(
         head.starts_with("http/1.1 200"),
         "{head}\n{body}\n{}",
@@ -322,7 +259,7 @@ async fn http_through_a_sidecar_pair_routed_balanced_over_mtls() -> Result<()> {
         head.contains("x-seen-source: spiffe://trellis.local/ns/default/svc/productpage"),
         "{head}"
     );
-    let (head, _) = http1_raw(out, "reviews.default", "/").await?;
+    let (head, _) = http1(out, "reviews.default", "/").await?;
     ensure!(head.starts_with("http/1.1 200"), "{head}");
 
     // HTTP/2 prior knowledge.
@@ -380,7 +317,7 @@ async fn http_through_a_sidecar_pair_routed_balanced_over_mtls() -> Result<()> {
         "{:?}",
         grpc.headers
     );
-    let (head, _) = http1_raw(out, "nosuch", "/").await?;
+    let (head, _) = http1(out, "nosuch", "/").await?;
     ensure!(
         head.starts_with("http/1.1 404")
             && head.contains("x-trellis-error: no route for host nosuch"),
@@ -631,29 +568,14 @@ async fn flaky_backend(counts: Arc<[std::sync::atomic::AtomicUsize; 4]>) -> Resu
     Ok(addr)
 }
 
-/// One HTTP/2 request with a body through `send`; (status, headers, body).
-async fn h2_send(
-    send: &hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
-    method: &str,
-    path: &str,
-    body: &'static str,
-) -> Result<Answer> {
+/// One HTTP/2 request with a body through `send`.
+async fn h2_send(send: &H2, method: &str, path: &str, body: &'static str) -> Result<Answer> {
     let req = Request::builder()
         .method(method)
         .uri(format!("http://flaky{path}"))
         .header("content-length", body.len())
         .body(http_body_util::Full::new(Bytes::from(body)))?;
-    let mut send = send.clone();
-    send.ready().await?;
-    let resp = send.send_request(req).await?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).to_string();
-    Ok(Answer {
-        status,
-        headers,
-        body,
-    })
+    h2_request(send, req).await
 }
 
 /// Retries end to end: a rule's `retries` re-send failed tries (bodies

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -44,6 +44,7 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming}
 use trellis_tests::echopb::echo_client::EchoClient;
 use trellis_tests::echopb::echo_server::{Echo, EchoServer};
 use trellis_tests::echopb::{EchoReply, EchoRequest};
+use trellis_tests::http::{h2_client, h2_get, http1, instances_of, tcp_echo};
 use trellis_tests::sidecar::{apply, sidecar, SidecarProc};
 use trellis_tests::{Cluster, ClusterOptions};
 
@@ -173,20 +174,6 @@ async fn grpc_server() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn tcp_echo() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
 /// An HTTP/1.1 + h2c backend named `name`: echoes the HTTP version,
 /// `traceparent` and `x-trellis-source` it saw; `/slow` takes [`SLOW`] and
 /// first adds a permit to `arrived`.
@@ -242,64 +229,6 @@ fn server_args(app: SocketAddr, extra: &[&str]) -> Vec<String> {
     .collect();
     v.extend(extra.iter().map(|s| s.to_string()));
     v
-}
-
-fn instances_of(d: &Value, service: &str) -> usize {
-    d["resources"].as_array().map_or(0, |rs| {
-        rs.iter()
-            .filter(|r| r["kind"] == "Instance" && r["spec"]["service"] == service)
-            .count()
-    })
-}
-
-struct Answer {
-    status: u16,
-    headers: hyper::HeaderMap,
-    body: String,
-}
-
-type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
-
-async fn h2_client(addr: SocketAddr) -> Result<H2> {
-    let s = TcpStream::connect(addr).await?;
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await?;
-    tokio::spawn(conn);
-    Ok(send)
-}
-
-async fn get(send: &H2, authority: &str, path: &str, headers: &[(&str, &str)]) -> Result<Answer> {
-    let mut b = Request::get(format!("http://{authority}{path}"));
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let mut send = send.clone();
-    send.ready().await?;
-    let resp = send.send_request(b.body(Full::new(Bytes::new()))?).await?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).to_string();
-    Ok(Answer {
-        status,
-        headers,
-        body,
-    })
-}
-
-/// One HTTP/1.1 request over a fresh connection: (lower-cased head, body).
-async fn http1(addr: SocketAddr, host: &str, path: &str) -> Result<(String, String)> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(STEP, s.read_to_end(&mut buf))
-        .await
-        .context("HTTP/1.1 read timeout")??;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
-    Ok((head.to_ascii_lowercase(), body.to_string()))
 }
 
 /// Access-log lines of `path` (JSON objects), once `pred` holds for them.
@@ -521,7 +450,7 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
     // to HTTP/2 for the app; traceparent is continued.
     let h2 = h2_client(out).await?;
     let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let ans = get(&h2, "web", "/t", &[("traceparent", trace)]).await?;
+    let ans = h2_get(&h2, "web", "/t", &[("traceparent", trace)]).await?;
     ensure!(ans.status == 200, "{} {:?}", ans.status, ans.headers);
     ensure!(
         ans.headers["x-seen-version"] == "HTTP/2.0",
@@ -548,7 +477,7 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
     // Round robin over two instances alternates.
     let mut bodies = Vec::new();
     for _ in 0..10 {
-        bodies.push(get(&h2, "web", "/rr", &[]).await?.body);
+        bodies.push(h2_get(&h2, "web", "/rr", &[]).await?.body);
     }
     for pair in bodies.windows(2) {
         ensure!(pair[0] != pair[1], "round robin repeated: {bodies:?}");
@@ -568,9 +497,9 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
     let mut seen_backends = std::collections::HashSet::new();
     for user in 0..20 {
         let u = format!("user-{user}");
-        let first = get(&h2, "web", "/u", &[("x-user", &u)]).await?.body;
+        let first = h2_get(&h2, "web", "/u", &[("x-user", &u)]).await?.body;
         for _ in 0..5 {
-            let again = get(&h2, "web", "/u", &[("x-user", &u)]).await?.body;
+            let again = h2_get(&h2, "web", "/u", &[("x-user", &u)]).await?.body;
             ensure!(again == first, "{u} moved from {first} to {again}");
         }
         seen_backends.insert(first);
@@ -661,7 +590,7 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
         let h2 = h2.clone();
         let slow_tx = slow_tx.clone();
         slow_tasks.push(tokio::spawn(async move {
-            let r = get(&h2, "web", "/slow", &[]).await;
+            let r = h2_get(&h2, "web", "/slow", &[]).await;
             let _ = slow_tx.send(()).await;
             r
         }));
@@ -705,7 +634,7 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
     })
     .await?;
     for _ in 0..50 {
-        let r = get(&h2, "web", "/after", &[]).await?;
+        let r = h2_get(&h2, "web", "/after", &[]).await?;
         ensure!(
             r.status == 200 && r.body == "web-1",
             "{} {} {:?}",

@@ -48,9 +48,9 @@ use anyhow::{bail, ensure, Context, Result};
 use hyper::body::Bytes;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::process::Command;
+use trellis_tests::http::{instances_of, tcp_echo};
 use trellis_tests::sidecar::{apply, sidecar};
 use trellis_tests::{bin_path, which, Cluster, ClusterOptions};
 
@@ -261,29 +261,6 @@ async fn backend() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// A TCP echo server.
-async fn echo_server() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
-fn instances(d: &Value, service: &str) -> usize {
-    d["resources"].as_array().map_or(0, |rs| {
-        rs.iter()
-            .filter(|r| r["kind"] == "Instance" && r["spec"]["service"] == service)
-            .count()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "runs inside the network namespace made by transparent_interception_in_a_network_namespace"]
 async fn interception_in_netns() -> Result<()> {
@@ -304,7 +281,7 @@ async fn interception_in_netns() -> Result<()> {
     .await?;
     let rev = apply(&c, RESOURCES).await?;
     let web = backend().await?;
-    let echo = echo_server().await?;
+    let echo = tcp_echo().await?;
     let mut upstreams = Vec::new();
     for (name, service, app_addr) in [("reviews-1", "reviews", web), ("echo-1", "echo", echo)] {
         let s = sidecar(
@@ -332,8 +309,8 @@ async fn interception_in_netns() -> Result<()> {
     .await?;
     pp.wait_dump(STEP, "both services' instances", |d| {
         d["revision"].as_u64().unwrap_or(0) >= rev
-            && instances(d, "reviews") == 1
-            && instances(d, "echo") == 1
+            && instances_of(d, "reviews") == 1
+            && instances_of(d, "echo") == 1
             && d["identity"].is_string()
     })
     .await?;
@@ -447,7 +424,7 @@ async fn interception_in_netns() -> Result<()> {
         !lower.contains("x-seen-source") && lower.contains("x-seen-path: /ext"),
         "passthrough HTTP went through the mesh:\n{answer}"
     );
-    let outside_echo = echo_server().await?;
+    let outside_echo = tcp_echo().await?;
     let payload = format!("outside bytes {:016x}\n", rand::random::<u64>());
     let got = app(outside_echo.port(), "echo", payload.as_bytes()).await?;
     ensure!(

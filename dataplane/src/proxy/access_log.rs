@@ -70,6 +70,61 @@ pub struct Entry {
     pub bytes_received: Option<u64>,
 }
 
+/// What an HTTP request's line says about the request and where it went;
+/// [`HttpLine::finish`] adds what the answer says.
+#[derive(Debug)]
+pub struct HttpLine {
+    pub start_time: String,
+    pub direction: &'static str,
+    pub protocol: &'static str,
+    pub method: String,
+    pub authority: Option<String>,
+    pub path: String,
+    pub source: String,
+    pub destination: String,
+    pub route: String,
+    pub upstream: Option<String>,
+    pub retries: u32,
+}
+
+impl HttpLine {
+    /// The line for an answer with `code` and `headers` after `elapsed`,
+    /// in the trace `span`; a synthetic answer's `x-trellis-error` is the
+    /// line's error.
+    pub fn finish(
+        self,
+        code: u16,
+        headers: &hyper::HeaderMap,
+        elapsed: std::time::Duration,
+        span: &super::trace::Span,
+    ) -> Entry {
+        Entry {
+            start_time: self.start_time,
+            direction: self.direction,
+            protocol: self.protocol,
+            method: Some(self.method),
+            authority: self.authority,
+            path: Some(self.path),
+            code,
+            duration_us: elapsed.as_micros() as u64,
+            source: self.source,
+            destination: self.destination,
+            route: self.route,
+            upstream: self.upstream,
+            retries: self.retries,
+            error: headers
+                .get(super::error::ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            trace_id: Some(span.trace_hex()),
+            span_id: Some(span.span_hex()),
+            parent_span_id: span.parent_hex(),
+            bytes_sent: None,
+            bytes_received: None,
+        }
+    }
+}
+
 fn is_zero(v: &u32) -> bool {
     *v == 0
 }

@@ -70,6 +70,37 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// A hyper-util client's failure to get an answer from `endpoint` of
+    /// `service`: [`ProxyError::Connect`] if it never connected, else
+    /// [`ProxyError::Reset`]; the reason includes the cause.
+    pub fn from_client(
+        e: &hyper_util::client::legacy::Error,
+        service: &str,
+        endpoint: std::net::SocketAddr,
+    ) -> ProxyError {
+        let reason = match std::error::Error::source(e) {
+            Some(s) => format!("{e}: {s}"),
+            None => e.to_string(),
+        };
+        let (service, subset, endpoint) =
+            (service.to_string(), "-".to_string(), endpoint.to_string());
+        if e.is_connect() {
+            ProxyError::Connect {
+                service,
+                subset,
+                endpoint,
+                reason,
+            }
+        } else {
+            ProxyError::Reset {
+                service,
+                subset,
+                endpoint,
+                reason,
+            }
+        }
+    }
+
     /// The HTTP status this error answers with.
     pub fn status(&self) -> StatusCode {
         match self {

@@ -28,10 +28,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use super::access_log::{self, AccessLog, Entry};
+use super::access_log::{self, AccessLog, HttpLine};
 use super::body::ProxyBody;
 use super::drain::{Drain, DrainToken};
-use super::error::{is_grpc, ProxyError, ERROR_HEADER};
+use super::error::{is_grpc, ProxyError};
 use super::headers;
 use super::metrics::{Direction, Metrics, RequestLabels};
 use super::route::NO_RULE;
@@ -333,31 +333,22 @@ impl Inbound {
         let code = resp.status().as_u16();
         let elapsed = start.elapsed();
         if let Some((method, authority, path)) = logged {
-            self.access_log.log(Entry {
-                start_time,
-                direction: Direction::Inbound.as_str(),
-                protocol: if restore_h1 { "HTTP/1.1" } else { "HTTP/2" },
-                method: Some(method),
-                authority,
-                path: Some(path),
-                code,
-                duration_us: elapsed.as_micros() as u64,
-                source: caller.name.clone(),
-                destination: self.destination.clone(),
-                route: NO_RULE.to_string(),
-                upstream: Some(self.app_addr.to_string()),
-                retries: 0,
-                error: resp
-                    .headers()
-                    .get(ERROR_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string),
-                trace_id: Some(span.trace_hex()),
-                span_id: Some(span.span_hex()),
-                parent_span_id: span.parent_hex(),
-                bytes_sent: None,
-                bytes_received: None,
-            });
+            self.access_log.log(
+                HttpLine {
+                    start_time,
+                    direction: Direction::Inbound.as_str(),
+                    protocol: if restore_h1 { "HTTP/1.1" } else { "HTTP/2" },
+                    method,
+                    authority,
+                    path,
+                    source: caller.name.clone(),
+                    destination: self.destination.clone(),
+                    route: NO_RULE.to_string(),
+                    upstream: Some(self.app_addr.to_string()),
+                    retries: 0,
+                }
+                .finish(code, resp.headers(), elapsed, &span),
+            );
         }
         self.metrics.request(
             &RequestLabels {
@@ -416,28 +407,7 @@ impl Inbound {
         let req = Request::from_parts(parts, body.boxed());
         match client.request(req).await {
             Ok(resp) => resp.map(|b| b.boxed()),
-            Err(e) => {
-                let reason = match std::error::Error::source(&e) {
-                    Some(s) => format!("{e}: {s}"),
-                    None => e.to_string(),
-                };
-                let err = if e.is_connect() {
-                    ProxyError::Connect {
-                        service: self.service.clone(),
-                        subset: "-".into(),
-                        endpoint: self.app_addr.to_string(),
-                        reason,
-                    }
-                } else {
-                    ProxyError::Reset {
-                        service: self.service.clone(),
-                        subset: "-".into(),
-                        endpoint: self.app_addr.to_string(),
-                        reason,
-                    }
-                };
-                err.into_response(grpc)
-            }
+            Err(e) => ProxyError::from_client(&e, &self.service, self.app_addr).into_response(grpc),
         }
     }
 }

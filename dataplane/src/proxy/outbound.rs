@@ -45,12 +45,12 @@ use tracing::Instrument;
 use trellis_identity::Identity;
 use trellis_resources::Protocol;
 
-use super::access_log::{self, AccessLog, Entry};
+use super::access_log::{self, AccessLog, HttpLine};
 use super::balance::{self, Balancer, InFlightGuard};
 use super::body::{full, ProxyBody};
 use super::detect::{self, Rewind};
 use super::drain::{Drain, DrainToken};
-use super::error::{is_grpc, ProxyError, ERROR_HEADER};
+use super::error::{is_grpc, ProxyError};
 use super::headers;
 use super::inbound::ORIG_PROTO_HEADER;
 use super::metrics::{Direction, Metrics, RequestLabels};
@@ -164,31 +164,10 @@ impl Passthrough {
             parts.version = Version::HTTP_11;
             &self.http1
         };
-        let fail = |e: hyper_util::client::legacy::Error| {
-            let reason = match std::error::Error::source(&e) {
-                Some(s) => format!("{e}: {s}"),
-                None => e.to_string(),
-            };
-            if e.is_connect() {
-                ProxyError::Connect {
-                    service: tcp::PASSTHROUGH.into(),
-                    subset: "-".into(),
-                    endpoint: orig.to_string(),
-                    reason,
-                }
-            } else {
-                ProxyError::Reset {
-                    service: tcp::PASSTHROUGH.into(),
-                    subset: "-".into(),
-                    endpoint: orig.to_string(),
-                    reason,
-                }
-            }
-        };
         let resp = client
             .request(Request::from_parts(parts, body.boxed()))
             .await
-            .map_err(fail)?;
+            .map_err(|e| ProxyError::from_client(&e, tcp::PASSTHROUGH, orig))?;
         Ok(resp.map(|b| b.boxed()))
     }
 }
@@ -443,31 +422,22 @@ impl Outbound {
         let code = resp.status().as_u16();
         let elapsed = start.elapsed();
         if let Some((method, path, protocol)) = logged {
-            self.access_log.log(Entry {
-                start_time,
-                direction: Direction::Outbound.as_str(),
-                protocol,
-                method: Some(method),
-                authority: Some(host),
-                path: Some(path),
-                code,
-                duration_us: elapsed.as_micros() as u64,
-                source: self.source.clone(),
-                destination: done.destination.clone(),
-                route: done.rule.clone(),
-                upstream: done.upstream.map(|u| u.to_string()),
-                retries: done.retries,
-                error: resp
-                    .headers()
-                    .get(ERROR_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string),
-                trace_id: Some(span.trace_hex()),
-                span_id: Some(span.span_hex()),
-                parent_span_id: span.parent_hex(),
-                bytes_sent: None,
-                bytes_received: None,
-            });
+            self.access_log.log(
+                HttpLine {
+                    start_time,
+                    direction: Direction::Outbound.as_str(),
+                    protocol,
+                    method,
+                    authority: Some(host),
+                    path,
+                    source: self.source.clone(),
+                    destination: done.destination.clone(),
+                    route: done.rule.clone(),
+                    upstream: done.upstream.map(|u| u.to_string()),
+                    retries: done.retries,
+                }
+                .finish(code, resp.headers(), elapsed, &span),
+            );
         }
         self.metrics.request(
             &RequestLabels {
