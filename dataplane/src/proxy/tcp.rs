@@ -201,46 +201,33 @@ where
 {
     let start = (log_time(&out.access_log), Instant::now());
     let cfg = Arc::clone(&out.config.borrow());
-    let (upstream, ep, destination, conn, _guard) = match connect(out, &cfg, name, ns, port).await {
-        Ok(x) => x,
+    // One access-log line either way: the spliced connection, or the
+    // refusal (counted as a connection that moved no bytes).
+    let (destination, upstream, done, error) = match connect(out, &cfg, name, ns, port).await {
+        Ok((far, ep, destination, conn, _guard)) => {
+            let done = splice(client, far, &conn).await;
+            (destination, Some(ep.to_string()), done, None)
+        }
         Err((destination, e)) => {
             tracing::info!(service = %name, namespace = %ns, port, error = %e,
                 "outbound TCP connection refused");
-            let conn = out.metrics.tcp_open(&TcpLabels {
+            drop(out.metrics.tcp_open(&TcpLabels {
                 direction: Direction::Outbound,
                 source: out.source.clone(),
                 destination: destination.clone(),
-            });
-            let none = Spliced {
-                sent: 0,
-                received: 0,
-                error: None,
-            };
-            drop(conn);
-            out.access_log.log(log_entry(
-                Direction::Outbound,
-                start,
-                &out.source,
-                &destination,
-                Some(format!("{name}.{ns}:{port}")),
-                None,
-                &none,
-                Some(e.to_string()),
-            ));
-            return;
+            }));
+            (destination, None, Spliced::default(), Some(e.to_string()))
         }
     };
-    let done = splice(client, upstream, &conn).await;
-    drop(conn);
     out.access_log.log(log_entry(
         Direction::Outbound,
         start,
         &out.source,
         &destination,
         Some(format!("{name}.{ns}:{port}")),
-        Some(ep.to_string()),
+        upstream,
         &done,
-        None,
+        error,
     ));
 }
 
