@@ -43,6 +43,7 @@ use crate::identity::{self, CurrentIdentity, IdentityContext, IdentityError};
 use crate::mesh::MeshConfig;
 use crate::proxy::access_log::{AccessLog, Sink};
 use crate::proxy::drain::Drain;
+use crate::proxy::health_check::HealthChecks;
 use crate::proxy::outbound::TcpForward;
 use crate::proxy::{
     self, balance::Balancer, retry::RetryBudgets, upstream::Upstreams, Inbound, Metrics, Outbound,
@@ -310,6 +311,7 @@ impl Sidecar {
             access_log: access_log.clone(),
             drain: drain.clone(),
             passthrough: Default::default(),
+            health: Arc::new(HealthChecks::default()),
         });
         // validate() checked app_addr.
         let app_addr = config

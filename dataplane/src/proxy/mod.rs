@@ -84,6 +84,7 @@ pub mod detect;
 pub mod drain;
 pub mod error;
 pub mod headers;
+pub mod health_check;
 pub mod inbound;
 pub mod metrics;
 pub mod orig_dst;

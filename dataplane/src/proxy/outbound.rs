@@ -52,6 +52,7 @@ use super::detect::{self, Rewind};
 use super::drain::{Drain, DrainToken};
 use super::error::{is_grpc, ProxyError};
 use super::headers;
+use super::health_check::HealthChecks;
 use super::inbound::ORIG_PROTO_HEADER;
 use super::metrics::{Direction, Metrics, RequestLabels};
 use super::orig_dst;
@@ -91,6 +92,8 @@ pub struct Outbound {
     pub drain: Drain,
     /// Clients for intercepted HTTP to destinations outside the mesh.
     pub passthrough: Passthrough,
+    /// Endpoints failing active health checks (left out of balancing).
+    pub health: Arc<HealthChecks>,
 }
 
 /// What the request path knows about a connection.
