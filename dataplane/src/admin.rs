@@ -5,10 +5,10 @@
 //! |---|---|
 //! | `GET /live` | 200 `live` while the process runs |
 //! | `GET /ready` | 200 `ready` once a config is loaded (disk or control plane), else 503 and why |
-//! | `GET /config_dump` | JSON: revision, source, connection, identity, counts, keys, resources |
+//! | `GET /config_dump` | JSON: revision, source, connection, identity, local app health (`app_health`, `reported_health`), counts, keys, resources |
 //! | `GET /debug/updates` | JSON array of the last applied updates ([`crate::updates`]) |
-//! | `GET /endpoints` | JSON: every service with registered instances: its balancer, subsets and endpoints (address, instance, labels, weight, health, requests in flight from this sidecar) |
-//! | `GET /metrics` | Prometheus text: requests, latency histograms, retries, TCP, config revision ([`crate::proxy::metrics`]) |
+//! | `GET /endpoints` | JSON: every service with registered instances: its balancer, subsets and endpoints (address, instance, labels, weight, health, requests in flight from this sidecar, `health_check`: `failing` / `passing` / `unchecked` from this sidecar's active checks) |
+//! | `GET /metrics` | Prometheus text: requests, latency histograms, retries, TCP, config revision ([`crate::proxy::metrics`]); health checks ([`crate::proxy::health_check`]) |
 //!
 //! Anything else is 404. The bound address is logged and written to
 //! `<data_dir>/admin.addr` (by [`crate::Sidecar::start`]) so tests can use
@@ -30,6 +30,7 @@ use crate::control::ControlStatus;
 use crate::identity::CurrentIdentity;
 use crate::mesh::{ConfigSource, MeshConfig, Parsed};
 use crate::proxy::balance::Balancer;
+use crate::proxy::health_check::HealthChecks;
 use crate::proxy::Metrics;
 use crate::shutdown::Shutdown;
 use crate::updates::UpdateLog;
@@ -46,6 +47,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// The request path's balancer state (in-flight counts).
     pub balancer: Arc<Balancer>,
+    /// Active health-check state (destinations and the local app).
+    pub health: Arc<HealthChecks>,
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -143,6 +146,8 @@ impl AdminState {
             "instance_key": status.instance_key,
             "connections": status.connections,
             "last_error": status.last_error,
+            "app_health": self.health.local().as_str(),
+            "reported_health": status.reported_health,
             "identity": identity.as_ref().map(|i| i.info.spiffe_id.clone()),
             "cert_serial": identity.as_ref().map(|i| i.info.serial.clone()),
             "cert_not_after_unix_ms": identity.as_ref().map(|i| i.info.not_after_unix_ms),
@@ -186,6 +191,7 @@ impl AdminState {
                             "weight": i.weight,
                             "health": i.health,
                             "in_flight": self.balancer.inflight.in_flight(addr),
+                            "health_check": self.health.endpoint_state(addr),
                         })
                     })
                     .collect();
@@ -217,7 +223,9 @@ impl AdminState {
             "/endpoints" => json_response(&self.endpoints()),
             "/metrics" => {
                 let revision = self.config.borrow().revision;
-                let mut r = text(StatusCode::OK, self.metrics.render(revision));
+                let mut body = self.metrics.render(revision);
+                body.push_str(&self.health.render_metrics());
+                let mut r = text(StatusCode::OK, body);
                 r.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,
                     hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -295,6 +303,7 @@ mod tests {
                 updates: Arc::clone(cache.log()),
                 metrics: Arc::default(),
                 balancer: Arc::default(),
+                health: Arc::default(),
             },
             status_tx,
         )
@@ -371,6 +380,42 @@ mod tests {
         .unwrap();
         assert_eq!(updates[0]["kind"], "snapshot");
         assert_eq!(updates[0]["node_id"], 7);
+    }
+
+    #[test]
+    fn endpoints_and_metrics_show_health_checks() {
+        let mut cache = ConfigCache::default();
+        let inst = br#"{"apiVersion":"trellis/v1","kind":"Instance","metadata":{"name":"r1","namespace":"default"},"spec":{"service":"reviews","address":"127.0.0.1","port":7001}}"#;
+        cache
+            .apply_snapshot(
+                1,
+                2,
+                vec![KeyValue {
+                    key: "/instance/default/r1".into(),
+                    value: inst.to_vec(),
+                    mod_revision: 2,
+                    ..Default::default()
+                }],
+            )
+            .unwrap();
+        let (s, _tx) = state(&cache);
+        let eps = s.endpoints();
+        assert_eq!(
+            eps["services"][0]["endpoints"][0]["health_check"],
+            "unchecked"
+        );
+        assert_eq!(s.config_dump()["app_health"], "unchecked");
+        let body = futures::executor::block_on(http_body_util::BodyExt::collect(
+            s.handle(&Method::GET, "/metrics").into_body(),
+        ))
+        .unwrap()
+        .to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            text.contains("# TYPE trellis_health_check_failing gauge"),
+            "{text}"
+        );
+        assert!(text.contains("trellis_config_revision"), "{text}");
     }
 
     #[tokio::test]

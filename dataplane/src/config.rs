@@ -20,6 +20,9 @@
 //! address = "10.0.1.7"
 //! port = 15006          # optional: default the bound inbound port
 //! labels = { version = "v2", zone = "us-east-1a" }
+//!
+//! [connection]          # optional: connection limits ([`ConnectionConfig`])
+//! idle_timeout_ms = 300000
 //! ```
 //!
 //! Files under `data_dir` (all written atomically):
@@ -85,6 +88,185 @@ pub const MIN_LEASE_TTL_MS: u64 = 500;
 /// Longest lease TTL accepted: a dead instance should not linger for more
 /// than an hour.
 pub const MAX_LEASE_TTL_MS: u64 = 3_600_000;
+
+/// Inbound TLS handshake deadline: a peer sidecar completes it in a few
+/// ms on a LAN; 5 s tolerates a loaded host, while a client that connects
+/// and never sends a ClientHello gives its socket back quickly.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// Deadline for a request's headers: HTTP/1 (both listeners' HTTP/1 server,
+/// hyper's `header_read_timeout`) from the moment the server waits for
+/// them, and on the inbound listener the HTTP/2 preface plus the first
+/// HEADERS after the handshake. Headers are a few hundred bytes a real
+/// client sends at once; 10 s still covers a few TCP retransmission
+/// timeouts (1 + 2 + 4 s) on a lossy link, while a slowloris client that
+/// trickles a byte now and then is cut off. For HTTP/1 this is also how
+/// long a keep-alive connection may sit idle between requests (hyper
+/// starts the same timer when it waits for the next request), like
+/// Apache's `KeepAliveTimeout`.
+pub const DEFAULT_REQUEST_HEADER_TIMEOUT_MS: u64 = 10_000;
+/// A downstream connection (either listener) with no request in flight for
+/// this long is closed gracefully (HTTP/2: GOAWAY). Five minutes is longer
+/// than the idle timeouts of common client pools (Go 90 s, the peer
+/// sidecars' own [`DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS`]), so the client
+/// normally closes first and never races a request against this close; it
+/// only reaps forgotten connections.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 300_000;
+/// A pooled sidecar-to-sidecar HTTP/2 connection that no new request used
+/// for this long leaves the pool and closes once its open streams end:
+/// shorter than the peer's [`DEFAULT_IDLE_TIMEOUT_MS`], so the client side
+/// closes first; long enough that even a request a minute keeps reusing
+/// one connection (no handshake per request).
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Concurrent inbound connections: a peer sidecar keeps one pooled
+/// connection per identity, so this is thousands of callers, far beyond
+/// any one instance's fan-in, while bounding memory (TLS and HTTP/2
+/// buffers, tens of KiB each) when something opens connections without
+/// limit. Connections beyond it are closed at once.
+pub const DEFAULT_MAX_INBOUND_CONNECTIONS: usize = 4_096;
+/// Largest request header block (both listeners): HTTP/1 request line and
+/// headers (hyper's read buffer, 431 beyond), HTTP/2 `max_header_list_size`
+/// (uncompressed, RFC 9113 counting). Envoy's default is 60 KiB; 64 KiB
+/// fits large cookies and JWTs, while a client cannot make the sidecar
+/// buffer hyper's default ~400 KiB per connection.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 64 << 10;
+/// Most HTTP/1 request header fields: hyper's own default (and Envoy's
+/// `max_headers_count`); 431 beyond. Keeping it at 100 keeps hyper's
+/// stack-allocated parse.
+pub const DEFAULT_MAX_REQUEST_HEADERS: usize = 100;
+/// Largest response header block the sidecar accepts from a peer sidecar
+/// (HTTP/2 `max_header_list_size` of the pooled client) and from the local
+/// app (HTTP/1 read buffer, HTTP/2 `max_header_list_size`): the same 64 KiB
+/// as requests; hyper's HTTP/2 client default is only 16 KiB.
+pub const DEFAULT_MAX_RESPONSE_HEADER_BYTES: usize = 64 << 10;
+/// HTTP/2 keepalive ping interval on every HTTP/2 connection (both
+/// listeners, the pool): finds a dead peer on a quiet connection within
+/// interval + timeout instead of at the next request.
+pub const DEFAULT_H2_KEEPALIVE_INTERVAL_MS: u64 = 10_000;
+/// A connection whose ping is not answered in this long is dead.
+pub const DEFAULT_H2_KEEPALIVE_TIMEOUT_MS: u64 = 20_000;
+/// Smallest header limit: hyper's HTTP/1 buffer cannot be smaller.
+pub const MIN_HEADER_BYTES: usize = 8 << 10;
+/// Largest header limit: more is a mistake or an attack.
+pub const MAX_HEADER_BYTES: usize = 1 << 20;
+/// Longest connection timeout accepted (an hour).
+pub const MAX_CONNECTION_TIMEOUT_MS: u64 = 3_600_000;
+
+/// Connection-level protection of the data path (`[connection]`): deadlines
+/// against slow or silent clients, idle timeouts, HTTP/2 keepalive pings
+/// and header size limits. Applied by [`crate::proxy::conn`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// Inbound: the TLS handshake must finish within this (ms).
+    pub tls_handshake_timeout_ms: u64,
+    /// Request headers must arrive within this (ms): HTTP/1 on both
+    /// listeners (also the idle time between HTTP/1 requests), the first
+    /// HTTP/2 request on the inbound listener.
+    pub request_header_timeout_ms: u64,
+    /// Close a downstream connection with no request in flight for this
+    /// long (ms); 0: never.
+    pub idle_timeout_ms: u64,
+    /// Drop a pooled upstream connection no request used for this long
+    /// (ms); 0: never.
+    pub upstream_idle_timeout_ms: u64,
+    /// Most concurrent inbound connections; more are closed at once.
+    pub max_inbound_connections: usize,
+    /// Largest request header block (bytes), HTTP/1 and HTTP/2.
+    pub max_request_header_bytes: usize,
+    /// Most HTTP/1 request header fields.
+    pub max_request_headers: usize,
+    /// Largest response header block (bytes) from peers and the app.
+    pub max_response_header_bytes: usize,
+    /// HTTP/2 keepalive ping interval (ms).
+    pub h2_keepalive_interval_ms: u64,
+    /// HTTP/2 keepalive ping timeout (ms).
+    pub h2_keepalive_timeout_ms: u64,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            tls_handshake_timeout_ms: DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
+            request_header_timeout_ms: DEFAULT_REQUEST_HEADER_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            upstream_idle_timeout_ms: DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS,
+            max_inbound_connections: DEFAULT_MAX_INBOUND_CONNECTIONS,
+            max_request_header_bytes: DEFAULT_MAX_REQUEST_HEADER_BYTES,
+            max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
+            max_response_header_bytes: DEFAULT_MAX_RESPONSE_HEADER_BYTES,
+            h2_keepalive_interval_ms: DEFAULT_H2_KEEPALIVE_INTERVAL_MS,
+            h2_keepalive_timeout_ms: DEFAULT_H2_KEEPALIVE_TIMEOUT_MS,
+        }
+    }
+}
+
+impl ConnectionConfig {
+    /// Checks every field; errors name it as `connection.<field>`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let field = |f: &str| format!("connection.{f}");
+        for (name, v, zero_ok) in [
+            (
+                "tls_handshake_timeout_ms",
+                self.tls_handshake_timeout_ms,
+                false,
+            ),
+            (
+                "request_header_timeout_ms",
+                self.request_header_timeout_ms,
+                false,
+            ),
+            ("idle_timeout_ms", self.idle_timeout_ms, true),
+            (
+                "upstream_idle_timeout_ms",
+                self.upstream_idle_timeout_ms,
+                true,
+            ),
+            (
+                "h2_keepalive_interval_ms",
+                self.h2_keepalive_interval_ms,
+                false,
+            ),
+            (
+                "h2_keepalive_timeout_ms",
+                self.h2_keepalive_timeout_ms,
+                false,
+            ),
+        ] {
+            let min = u64::from(!zero_ok);
+            if !(min..=MAX_CONNECTION_TIMEOUT_MS).contains(&v) {
+                let off = if zero_ok { " (0: never)" } else { "" };
+                return Err(invalid(
+                    field(name),
+                    format!("must be in {min}..={MAX_CONNECTION_TIMEOUT_MS}{off}, got {v}"),
+                ));
+            }
+        }
+        for (name, v) in [
+            ("max_request_header_bytes", self.max_request_header_bytes),
+            ("max_response_header_bytes", self.max_response_header_bytes),
+        ] {
+            if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&v) {
+                return Err(invalid(
+                    field(name),
+                    format!("must be in {MIN_HEADER_BYTES}..={MAX_HEADER_BYTES}, got {v}"),
+                ));
+            }
+        }
+        if !(1..=10_000).contains(&self.max_request_headers) {
+            return Err(invalid(
+                field("max_request_headers"),
+                format!("must be in 1..=10000, got {}", self.max_request_headers),
+            ));
+        }
+        if self.max_inbound_connections == 0 {
+            return Err(invalid(
+                field("max_inbound_connections"),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// The instance this sidecar registers (through the session stream) while
 /// it is connected. Namespace and service come from its certificate.
@@ -206,6 +388,8 @@ pub struct SidecarConfig {
     pub progress_interval_ms: u32,
     /// Renew the certificate at this fraction of its lifetime (0.1..=0.9).
     pub renew_at_fraction: f64,
+    /// Connection limits of the data path (`[connection]`).
+    pub connection: ConnectionConfig,
 }
 
 impl Default for SidecarConfig {
@@ -234,6 +418,7 @@ impl Default for SidecarConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             progress_interval_ms: DEFAULT_PROGRESS_INTERVAL_MS,
             renew_at_fraction: DEFAULT_RENEW_AT_FRACTION,
+            connection: ConnectionConfig::default(),
         }
     }
 }
@@ -528,7 +713,7 @@ impl SidecarConfig {
                 format!("must be in 0.1..=0.9, got {}", self.renew_at_fraction),
             ));
         }
-        Ok(())
+        self.connection.validate()
     }
 
     fn validate_instance(&self, inst: &InstanceConfig) -> Result<(), ConfigError> {
@@ -820,6 +1005,65 @@ mod tests {
         for (field, mutate) in cases {
             let mut c = base();
             mutate(c.instance.as_mut().unwrap());
+            assert_eq!(field_of(c.validate().unwrap_err()), field);
+        }
+    }
+
+    #[test]
+    fn connection_table_parses_and_is_checked() {
+        let c = SidecarConfig::from_toml(
+            r#"
+            seeds = ["127.0.0.1:7381"]
+            data_dir = "/tmp/x"
+            ca_file = "/tmp/ca.pem"
+            [connection]
+            idle_timeout_ms = 0
+            request_header_timeout_ms = 500
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.connection.idle_timeout_ms, 0);
+        assert_eq!(c.connection.request_header_timeout_ms, 500);
+        assert_eq!(
+            c.connection.tls_handshake_timeout_ms,
+            DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS
+        );
+        assert_eq!(minimal().connection, ConnectionConfig::default());
+        let e = SidecarConfig::from_toml("[connection]\nidle_timeout=1").unwrap_err();
+        assert!(e.contains("idle_timeout"), "{e}");
+        let cases: Vec<(&str, Mutation<ConnectionConfig>)> = vec![
+            ("connection.tls_handshake_timeout_ms", |c| {
+                c.tls_handshake_timeout_ms = 0
+            }),
+            ("connection.request_header_timeout_ms", |c| {
+                c.request_header_timeout_ms = 0
+            }),
+            ("connection.idle_timeout_ms", |c| {
+                c.idle_timeout_ms = MAX_CONNECTION_TIMEOUT_MS + 1
+            }),
+            ("connection.h2_keepalive_interval_ms", |c| {
+                c.h2_keepalive_interval_ms = 0
+            }),
+            ("connection.h2_keepalive_timeout_ms", |c| {
+                c.h2_keepalive_timeout_ms = 0
+            }),
+            ("connection.max_request_header_bytes", |c| {
+                c.max_request_header_bytes = 100
+            }),
+            ("connection.max_response_header_bytes", |c| {
+                c.max_response_header_bytes = 100 << 20
+            }),
+            ("connection.max_request_headers", |c| {
+                c.max_request_headers = 0
+            }),
+            ("connection.max_inbound_connections", |c| {
+                c.max_inbound_connections = 0
+            }),
+        ];
+        for (field, mutate) in cases {
+            let mut c = minimal();
+            mutate(&mut c.connection);
             assert_eq!(field_of(c.validate().unwrap_err()), field);
         }
     }

@@ -21,6 +21,14 @@
 //!   moves. A NOT_FOUND answer (lease expired) re-registers without the old
 //!   lease. On shutdown it sends `goodbye`, waits briefly for the ack and
 //!   closes.
+//! * **Health**: with a local app check ([`ControlPlane::with_app_health`],
+//!   fed by [`crate::proxy::health_check::run_local_checks`]) the
+//!   registration carries the app's current health, and every flip goes out
+//!   at once as a `SessionUpdate` with `health` set (the control plane
+//!   rewrites the Instance's `spec.health` before acking). A new session —
+//!   after a reconnect or a failover to another node — registers with the
+//!   current health, so nothing is lost in between. Without a check nothing
+//!   is reported (the registry's default, healthy).
 //!
 //! The connection's state is published as [`ControlStatus`] (for
 //! `/config_dump`) and the connection itself on a watch channel (for
@@ -35,12 +43,15 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
-use trellis_proto::sidecar::{InstanceRegistration, SessionRequest, SessionUpdate, WatchRequest};
+use trellis_proto::sidecar::{
+    InstanceHealth, InstanceRegistration, SessionRequest, SessionUpdate, WatchRequest,
+};
 
 use crate::backoff::{Backoff, HEALTHY_CONNECTION};
 use crate::cache::ConfigCache;
 use crate::config::SidecarConfig;
 use crate::identity::CurrentIdentity;
+use crate::proxy::health_check::LocalHealth;
 use crate::session::SessionStream;
 use crate::shutdown::Shutdown;
 use crate::transport::{self, Endpoints, TransportError};
@@ -87,6 +98,44 @@ pub struct ControlStatus {
     pub acked_revision: u64,
     /// Why the last connection attempt or connection failed.
     pub last_error: Option<String>,
+    /// The instance health the control plane last accepted from this
+    /// sidecar (`healthy` / `unhealthy`); `None` without a local app
+    /// check or a registered instance.
+    pub reported_health: Option<String>,
+}
+
+/// What the registry is told for a local check result (`None`: no check,
+/// nothing to report).
+pub fn instance_health(local: LocalHealth) -> Option<InstanceHealth> {
+    match local {
+        LocalHealth::Failing => Some(InstanceHealth::Unhealthy),
+        LocalHealth::Passing => Some(InstanceHealth::Healthy),
+        LocalHealth::Unchecked => None,
+    }
+}
+
+/// The health an update carries, given what the check says now (`want`)
+/// and what the control plane last accepted (`reported`): a change, or
+/// `healthy` when the check was removed after reporting `unhealthy` (no
+/// check means healthy, as for a sidecar that never checked).
+pub fn health_to_send(
+    want: Option<InstanceHealth>,
+    reported: Option<InstanceHealth>,
+) -> Option<InstanceHealth> {
+    match want {
+        Some(w) if reported != Some(w) => Some(w),
+        Some(_) => None,
+        None if reported == Some(InstanceHealth::Unhealthy) => Some(InstanceHealth::Healthy),
+        None => None,
+    }
+}
+
+fn health_name(h: InstanceHealth) -> String {
+    match h {
+        InstanceHealth::Unhealthy => "unhealthy",
+        _ => "healthy",
+    }
+    .to_string()
 }
 
 /// How a connection ended.
@@ -104,6 +153,7 @@ pub struct ControlPlane {
     endpoints: Arc<Endpoints>,
     status_tx: Arc<watch::Sender<ControlStatus>>,
     conn_tx: watch::Sender<Option<quinn::Connection>>,
+    app_health: Option<watch::Receiver<LocalHealth>>,
 }
 
 impl ControlPlane {
@@ -125,7 +175,15 @@ impl ControlPlane {
             endpoints,
             status_tx,
             conn_tx,
+            app_health: None,
         }
+    }
+
+    /// Reports the local app's health from `rx` (see the module doc);
+    /// ignored for a sidecar without an instance.
+    pub fn with_app_health(mut self, rx: watch::Receiver<LocalHealth>) -> Self {
+        self.app_health = Some(rx);
+        self
     }
 
     /// Runs until `shutdown`, applying what the control plane sends to
@@ -274,7 +332,7 @@ impl ControlPlane {
         }
     }
 
-    fn registration(&self) -> Option<InstanceRegistration> {
+    fn registration(&self, health: Option<InstanceHealth>) -> Option<InstanceRegistration> {
         let inst = self.config.instance.as_ref()?;
         Some(InstanceRegistration {
             name: self.config.instance_name().unwrap_or_default(),
@@ -286,6 +344,7 @@ impl ControlPlane {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             weight: inst.weight,
+            health: health.map_or(0, |h| h as i32),
         })
     }
 
@@ -298,10 +357,20 @@ impl ControlPlane {
         lease_id: &mut u64,
         mut shutdown: Shutdown,
     ) -> Ended {
+        // Health is reported only for a registered instance with a check.
+        let mut app_health = self
+            .app_health
+            .clone()
+            .filter(|_| self.config.instance.is_some());
         loop {
             let applied = *acks.borrow_and_update();
+            // The health the registration carries (None: no check, the
+            // server's default, healthy).
+            let mut reported = app_health
+                .as_mut()
+                .and_then(|rx| instance_health(*rx.borrow_and_update()));
             let req = SessionRequest {
-                instance: self.registration(),
+                instance: self.registration(reported),
                 ttl_ms: self.config.lease_ttl_ms,
                 resume_lease_id: *lease_id,
                 applied_revision: applied,
@@ -330,6 +399,7 @@ impl ControlPlane {
                 s.instance_key =
                     (!accepted.instance_key.is_empty()).then(|| accepted.instance_key.clone());
                 s.acked_revision = applied;
+                s.reported_health = reported.map(health_name);
             });
             let ttl = Duration::from_millis(if accepted.ttl_ms > 0 {
                 accepted.ttl_ms
@@ -343,8 +413,17 @@ impl ControlPlane {
             let mut last_sent = Instant::now();
             loop {
                 let mut goodbye = false;
+                let health_changed = async {
+                    match app_health.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = tokio::time::sleep_until(last_sent + keepalive) => {}
+                    // A flip goes out at once (no coalescing: it is rare and
+                    // peers should stop sending to a failing app quickly).
+                    Ok(()) = health_changed => {}
                     Ok(()) = acks.changed() => {
                         let earliest = last_sent + ACK_COALESCE;
                         if Instant::now() < earliest {
@@ -361,6 +440,7 @@ impl ControlPlane {
                     let update = SessionUpdate {
                         applied_revision: applied,
                         goodbye: true,
+                        health: 0,
                     };
                     match stream.update(update, GOODBYE_TIMEOUT).await {
                         Ok(_) => tracing::info!(
@@ -376,12 +456,23 @@ impl ControlPlane {
                     return Ended::Shutdown;
                 }
                 last_sent = Instant::now();
+                let want = app_health
+                    .as_mut()
+                    .and_then(|rx| instance_health(*rx.borrow_and_update()));
+                let health = health_to_send(want, reported);
                 let update = SessionUpdate {
                     applied_revision: applied,
                     goodbye: false,
+                    health: health.map_or(0, |h| h as i32),
                 };
                 match stream.update(update, ack_timeout).await {
                     Ok(ack) => {
+                        if let Some(h) = health {
+                            tracing::info!(health = %health_name(h), "instance health reported to the control plane");
+                            reported = Some(h);
+                            self.status_tx
+                                .send_modify(|s| s.reported_health = Some(health_name(h)));
+                        }
                         tracing::trace!(
                             applied,
                             cluster_revision = ack.revision,
@@ -456,5 +547,35 @@ async fn run_watch(
             tracing::error!(node_id, error = %e, "control node violated the watch contract; reconnecting elsewhere");
             return e.to_string();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_sent_on_changes_only() {
+        use InstanceHealth::{Healthy, Unhealthy};
+        assert_eq!(instance_health(LocalHealth::Unchecked), None);
+        assert_eq!(instance_health(LocalHealth::Passing), Some(Healthy));
+        assert_eq!(instance_health(LocalHealth::Failing), Some(Unhealthy));
+        // No check, nothing reported: nothing to send.
+        assert_eq!(health_to_send(None, None), None);
+        // A check starts passing: the registry's default already says so,
+        // but saying it once costs nothing and records it.
+        assert_eq!(health_to_send(Some(Healthy), None), Some(Healthy));
+        assert_eq!(
+            health_to_send(Some(Unhealthy), Some(Healthy)),
+            Some(Unhealthy)
+        );
+        assert_eq!(health_to_send(Some(Unhealthy), Some(Unhealthy)), None);
+        assert_eq!(
+            health_to_send(Some(Healthy), Some(Unhealthy)),
+            Some(Healthy)
+        );
+        // The check is removed while unhealthy: healthy again.
+        assert_eq!(health_to_send(None, Some(Unhealthy)), Some(Healthy));
+        assert_eq!(health_to_send(None, Some(Healthy)), None);
     }
 }

@@ -33,6 +33,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::admin::{self, AdminState};
 use crate::cache::ConfigCache;
@@ -280,6 +281,7 @@ impl Sidecar {
         };
         let drain = Drain::default();
         let balancer = Arc::new(Balancer::default());
+        let health = Arc::new(HealthChecks::default());
         let admin_state = AdminState {
             sidecar_name: sidecar_name.clone(),
             config: cache.subscribe(),
@@ -289,11 +291,13 @@ impl Sidecar {
             updates: Arc::clone(&updates),
             metrics: Arc::clone(&metrics),
             balancer: Arc::clone(&balancer),
+            health: Arc::clone(&health),
         };
         let (admin_trigger, admin_shutdown) = shutdown::channel();
         let admin_task = tokio::spawn(admin::serve(listener, admin_state, admin_shutdown));
 
         let tls = Arc::new(TlsSource::new(ca_pem.clone(), identity_tx.subscribe()));
+        let limits = Arc::new(proxy::conn::Limits::from(&config.connection));
         let outbound = Arc::new(Outbound {
             config: cache.subscribe(),
             namespace: config.namespace.clone(),
@@ -304,30 +308,38 @@ impl Sidecar {
                 .map(|i| i.labels.clone())
                 .unwrap_or_default(),
             balancer,
-            upstreams: Upstreams::new(Arc::clone(&tls)),
+            upstreams: Upstreams::with_limits(Arc::clone(&tls), Arc::clone(&limits)),
             tls: Arc::clone(&tls),
             metrics: Arc::clone(&metrics),
             retry_budgets: RetryBudgets::default(),
             access_log: access_log.clone(),
             drain: drain.clone(),
             passthrough: Default::default(),
-            health: Arc::new(HealthChecks::default()),
+            health: Arc::clone(&health),
+            outliers: Default::default(),
+            circuits: Default::default(),
+            latencies: Default::default(),
+            backup_budgets: RetryBudgets::default(),
+            limits: Arc::clone(&limits),
         });
         // validate() checked app_addr.
         let app_addr = config
             .app_addr
             .parse()
             .map_err(|e| SidecarError::Internal(format!("app_addr: {e}")))?;
-        let inbound = Arc::new(Inbound::new(
-            tls,
-            app_addr,
-            &config.namespace,
-            config.service.clone(),
-            cache.subscribe(),
-            metrics,
-            access_log,
-            drain.clone(),
-        ));
+        let inbound = Arc::new(
+            Inbound::new(
+                Arc::clone(&tls),
+                app_addr,
+                &config.namespace,
+                config.service.clone(),
+                cache.subscribe(),
+                metrics,
+                access_log,
+                drain.clone(),
+            )
+            .with_limits(limits),
+        );
         for (listener, to) in tcp_listeners {
             tokio::spawn(proxy::outbound::serve_tcp(
                 listener,
@@ -348,6 +360,27 @@ impl Sidecar {
         ));
         tracing::info!(outbound_addr = %outbound_addr, inbound_addr = %inbound_addr, app_addr = %app_addr,
             "request path listening");
+        // Active health checks (proxy/health_check.rs): destinations while
+        // the data path serves; the local app while registered.
+        tokio::spawn(proxy::health_check::run_destination_checks(
+            Arc::clone(&health),
+            cache.subscribe(),
+            Arc::clone(&tls),
+            listen_shutdown.clone(),
+        ));
+        if config.instance.is_some() {
+            tokio::spawn(
+                proxy::health_check::run_local_checks(
+                    Arc::clone(&health),
+                    cache.subscribe(),
+                    config.namespace.clone(),
+                    config.service.clone(),
+                    app_addr,
+                    shutdown.clone(),
+                )
+                .instrument(tracing::info_span!("app_health_check", app = %app_addr)),
+            );
+        }
 
         let config_rx = cache.subscribe();
         let acks = cache.acks();
@@ -377,7 +410,8 @@ impl Sidecar {
                     Arc::clone(&endpoints),
                     status_tx,
                     conn_tx,
-                );
+                )
+                .with_app_health(health.local_health());
                 manager.run(&mut cache, sd.clone()).await;
                 let _ = renewal.await;
                 Ok(())

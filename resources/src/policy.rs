@@ -59,9 +59,27 @@ pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
 /// lost packet does not remove a healthy instance.
 pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
 
-/// Latency percentile after which a backup request is sent: p95 — only the
-/// slowest 5 % of requests are hedged ("The Tail at Scale").
-pub const DEFAULT_BACKUP_AFTER_PERCENTILE: f64 = 95.0;
+/// Latency percentile after which a backup request is sent: p90, motan-go's
+/// BackupRequest default — the slowest 10 % are candidates, and the budget
+/// (`maxPercent`) caps how many of them actually get a copy.
+pub const DEFAULT_BACKUP_AFTER_PERCENTILE: f64 = 90.0;
+
+/// Shortest wait before a backup request, whatever the percentile says:
+/// 10 ms. Under that a second request costs more (a second upstream
+/// request, a second app call) than the latency it can save, and a
+/// sub-millisecond percentile of a fast service is mostly noise.
+pub const DEFAULT_BACKUP_MIN_DELAY: Duration = Duration::from_millis(10);
+
+/// Longest ejection, however many times an instance was ejected: 300 s
+/// (Envoy's `max_ejection_time` default), so a recovered instance is never
+/// kept out for more than five minutes.
+pub const DEFAULT_MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+
+/// Share of a zone's instances that must be healthy for the zone to keep
+/// its traffic: 70 %, close to Envoy's overprovisioning factor of 1.4
+/// (1 / 1.4 ≈ 71 %), the point where the remaining instances of a zone
+/// sized for its load start to run hot.
+pub const DEFAULT_MIN_HEALTHY_PERCENT: u32 = 70;
 
 /// Cap on backup requests as a percent of requests: 5 %, so hedging can
 /// never add more than 5 % load, even when everything is slow.
@@ -111,6 +129,15 @@ fn d_after_percentile() -> f64 {
 }
 fn d_backup_max() -> f64 {
     DEFAULT_BACKUP_MAX_PERCENT
+}
+fn d_backup_min_delay() -> Duration {
+    DEFAULT_BACKUP_MIN_DELAY
+}
+fn d_max_ejection_time() -> Duration {
+    DEFAULT_MAX_EJECTION_TIME
+}
+fn d_min_healthy() -> u32 {
+    DEFAULT_MIN_HEALTHY_PERCENT
 }
 fn d_budget_percent() -> f64 {
     DEFAULT_RETRY_BUDGET_PERCENT
@@ -218,6 +245,28 @@ pub struct Locality {
     /// zone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failover: Vec<Failover>,
+    /// A zone keeps its traffic while at least this percent of its
+    /// instances are healthy (registered healthy, passing health checks,
+    /// not ejected), 1..=100; below it the next zone in the failover order
+    /// takes over. Default [`DEFAULT_MIN_HEALTHY_PERCENT`].
+    #[serde(default = "d_min_healthy")]
+    pub min_healthy_percent: u32,
+    /// Evacuated zones: instances in `from` get no traffic at all, and
+    /// callers in `from` treat `to` as their own zone. One apply moves a
+    /// data centre's traffic elsewhere (and removing the entry moves it
+    /// back).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shift: Vec<Shift>,
+}
+
+/// Move all traffic of zone `from` to zone `to`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Shift {
+    /// The evacuated zone.
+    pub from: String,
+    /// The zone that takes its traffic (not `from`, not itself evacuated).
+    pub to: String,
 }
 
 /// When zone `from` has no healthy instances, try `to` in order.
@@ -268,6 +317,10 @@ pub struct OutlierDetection {
     /// [`DEFAULT_MAX_EJECTION_PERCENT`].
     #[serde(default = "d_max_ejection")]
     pub max_ejection_percent: u32,
+    /// Cap on one ejection (base time × ejections), ≥ `baseEjectionTime`;
+    /// default [`DEFAULT_MAX_EJECTION_TIME`].
+    #[serde(default = "d_max_ejection_time")]
+    pub max_ejection_time: Duration,
 }
 
 /// Active health checking: exactly one of `http` or `tcp`.
@@ -323,6 +376,10 @@ pub struct BackupRequest {
     /// [`DEFAULT_BACKUP_MAX_PERCENT`].
     #[serde(default = "d_backup_max")]
     pub max_percent: f64,
+    /// Never wait less than this before the backup, > 0; default
+    /// [`DEFAULT_BACKUP_MIN_DELAY`].
+    #[serde(default = "d_backup_min_delay")]
+    pub min_delay: Duration,
 }
 
 /// Retry budget: retries to this service may be at most `percent` of
@@ -397,6 +454,40 @@ impl DestinationPolicySpec {
                     }
                 }
             }
+            if !(1..=100).contains(&l.min_healthy_percent) {
+                errs.add(
+                    "spec.locality.minHealthyPercent",
+                    format!("must be in 1..=100, got {}", l.min_healthy_percent),
+                );
+            }
+            for (i, sh) in l.shift.iter().enumerate() {
+                let p = format!("spec.locality.shift[{i}]");
+                zone(errs, &format!("{p}.from"), &sh.from);
+                zone(errs, &format!("{p}.to"), &sh.to);
+                if sh.to == sh.from {
+                    errs.add(
+                        format!("{p}.to"),
+                        format!("zone {:?} cannot shift to itself", sh.to),
+                    );
+                } else if l.shift.iter().any(|o| o.from == sh.to) {
+                    errs.add(
+                        format!("{p}.to"),
+                        format!("zone {:?} is itself shifted away", sh.to),
+                    );
+                }
+            }
+            validate::unique(
+                errs,
+                &l.shift,
+                |s| s.from.clone(),
+                |i| format!("spec.locality.shift[{i}].from"),
+                |s, first| {
+                    format!(
+                        "zone {:?} is already shifted at spec.locality.shift[{first}]",
+                        s.from
+                    )
+                },
+            );
             validate::unique(
                 errs,
                 &l.failover,
@@ -439,6 +530,16 @@ impl DestinationPolicySpec {
                 &format!("{p}.baseEjectionTime"),
                 o.base_ejection_time,
             );
+            validate::positive_duration(errs, &format!("{p}.maxEjectionTime"), o.max_ejection_time);
+            if o.max_ejection_time < o.base_ejection_time {
+                errs.add(
+                    format!("{p}.maxEjectionTime"),
+                    format!(
+                        "must be at least baseEjectionTime ({}), got {}",
+                        o.base_ejection_time, o.max_ejection_time
+                    ),
+                );
+            }
             if o.max_ejection_percent > 100 {
                 errs.add(
                     format!("{p}.maxEjectionPercent"),
@@ -502,6 +603,7 @@ impl DestinationPolicySpec {
                 );
             }
             validate::percent(errs, "spec.backupRequest.maxPercent", b.max_percent);
+            validate::positive_duration(errs, "spec.backupRequest.minDelay", b.min_delay);
         }
         if let Some(r) = &self.retry_budget {
             validate::percent(errs, "spec.retryBudget.percent", r.percent);

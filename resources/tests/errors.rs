@@ -162,6 +162,20 @@ fn table_of_broken_documents() {
              route.yaml: DestinationPolicy default/reviews: spec.locality.failover[1].from: zone \"a\" already has failover at spec.locality.failover[0]",
         ),
         (
+            "locality shift and min healthy",
+            format!("{POLICY_HEAD}  locality:\n    minHealthyPercent: 0\n    shift:\n      - {{from: a, to: a}}\n      - {{from: b, to: a}}\n      - {{from: b, to: c}}\n"),
+            "route.yaml: DestinationPolicy default/reviews: spec.locality.minHealthyPercent: must be in 1..=100, got 0\n\
+             route.yaml: DestinationPolicy default/reviews: spec.locality.shift[0].to: zone \"a\" cannot shift to itself\n\
+             route.yaml: DestinationPolicy default/reviews: spec.locality.shift[1].to: zone \"a\" is itself shifted away\n\
+             route.yaml: DestinationPolicy default/reviews: spec.locality.shift[2].from: zone \"b\" is already shifted at spec.locality.shift[1]",
+        ),
+        (
+            "outlier max ejection time below base, backup min delay zero",
+            format!("{POLICY_HEAD}  outlierDetection:\n    baseEjectionTime: 30s\n    maxEjectionTime: 10s\n  backupRequest:\n    minDelay: 0s\n"),
+            "route.yaml: DestinationPolicy default/reviews: spec.outlierDetection.maxEjectionTime: must be at least baseEjectionTime (30s), got 10s\n\
+             route.yaml: DestinationPolicy default/reviews: spec.backupRequest.minDelay: must be greater than 0s",
+        ),
+        (
             "access source identity",
             "apiVersion: trellis/v1\nkind: AccessPolicy\nmetadata: {name: p}\nspec:\n  rules:\n    - action: deny\n      sources: [{identity: \"https://x\"}, {}]\n      methods: [get]\n".to_string(),
             "route.yaml: AccessPolicy default/p: spec.rules[0].sources[0].identity: invalid SPIFFE ID \"https://x\": must start with spiffe://\n\

@@ -33,6 +33,7 @@
 //! awaited on their ready line or exit, and cluster states are awaited by
 //! polling status APIs at a short interval under an overall deadline.
 
+pub mod backend;
 pub mod http;
 pub mod quic;
 pub mod sidecar;

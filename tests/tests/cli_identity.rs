@@ -968,6 +968,7 @@ async fn tls_cluster_certificates_tokens_and_proxy_status() -> Result<()> {
             &sc::SessionUpdate {
                 applied_revision: rev,
                 goodbye: false,
+                health: 0,
             },
         )
         .await?;

@@ -223,6 +223,7 @@ async fn join_watch_register_and_proxy_status() -> Result<()> {
                 port: 9080,
                 labels: [("version".to_string(), "v2".to_string())].into(),
                 weight: 0,
+                health: 0,
             }),
             ttl_ms: 5_000,
             resume_lease_id: 0,
@@ -269,6 +270,7 @@ async fn join_watch_register_and_proxy_status() -> Result<()> {
         &sc::SessionUpdate {
             applied_revision: update_rev,
             goodbye: false,
+            health: 0,
         },
     )
     .await?;
@@ -305,6 +307,7 @@ async fn join_watch_register_and_proxy_status() -> Result<()> {
         &sc::SessionUpdate {
             applied_revision: update_rev,
             goodbye: true,
+            health: 0,
         },
     )
     .await?;
@@ -628,6 +631,7 @@ async fn open_session(
                 port: 9080,
                 labels: Default::default(),
                 weight: 0,
+                health: 0,
             }),
             ttl_ms: 5_000,
             resume_lease_id,

@@ -12,6 +12,17 @@
 //! the applied revision for proxy-status. `goodbye` revokes the lease,
 //! which deregisters the instance at once; a dropped connection leaves the
 //! lease to expire, in case the sidecar re-attaches elsewhere in time.
+//!
+//! **Health reports.** A sidecar that checks its own app (the `healthCheck`
+//! of its service's DestinationPolicy) reports the result: in the
+//! registration (`InstanceRegistration.health`, so a re-registration after
+//! a failover keeps it) and, when it flips, in a `SessionUpdate.health`.
+//! The update rewrites the instance's `spec.health` ([`set_health`]):
+//! compare-and-set on the value's `mod_revision`, under the same lease,
+//! validated, retried a few times on a race; the ack goes out only after
+//! the write committed. Errors are [`HealthReportError`]s, answered as
+//! `Error` frames (NOT_FOUND when the instance or its lease is gone, so the
+//! sidecar registers again with its current health).
 
 use std::sync::Arc;
 
@@ -20,6 +31,7 @@ use trellis_identity::Identity;
 use trellis_proto::frame::{read_frame, write_frame};
 use trellis_proto::sidecar as sc;
 use trellis_raft_store::{Command, Compare, CompareOp, CompareTarget, Outcome, TxnOp};
+use trellis_resources::service::Health;
 use trellis_resources::{InstanceSpec, Metadata, Resource, Spec};
 
 use super::registry::SidecarRegistry;
@@ -33,6 +45,160 @@ use crate::system::now_unix_ms;
 pub const MAX_SIDECAR_LEASE_TTL_MS: u64 = 5 * 60 * 1000;
 /// Largest session frame accepted (registrations and updates are small).
 const MAX_SESSION_FRAME: usize = 64 * 1024;
+/// Compare-and-set attempts for one health report: the instance key is
+/// written only by its own session (and by re-registration), so losing
+/// the race more than a few times means something else is rewriting it;
+/// the sidecar is told to retry instead of this loop spinning.
+pub const HEALTH_CAS_ATTEMPTS: u32 = 3;
+
+/// Why a sidecar's health report was not applied. Converted into the
+/// `Error` frame the sidecar gets by `From<HealthReportError> for ApiError`.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthReportError {
+    /// Not a value of `InstanceHealth` (a newer sidecar?).
+    #[error("health {0} is not a known InstanceHealth value")]
+    UnknownValue(i32),
+    /// The session registered no instance.
+    #[error("this session registered no instance; there is no health to report")]
+    NoInstance,
+    /// The instance was deleted (its lease expired or was revoked).
+    #[error("instance {key} is gone (lease {lease} expired or was revoked); register again")]
+    Gone { key: String, lease: u64 },
+    /// The key now belongs to another lease (a newer registration).
+    #[error("instance {key} is no longer held by this session's lease {lease}; register again")]
+    NotOwned { key: String, lease: u64 },
+    /// The stored value is not an Instance, or the rewritten one is invalid.
+    #[error("instance {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    /// The value kept changing under the compare-and-set.
+    #[error("instance {key} changed while its health was written ({attempts} attempts); retry")]
+    Conflict { key: String, attempts: u32 },
+    /// Reading, linearizing or proposing failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl From<HealthReportError> for ApiError {
+    fn from(e: HealthReportError) -> ApiError {
+        match e {
+            HealthReportError::UnknownValue(_) => {
+                ApiError::invalid("session update.health", e.to_string())
+            }
+            HealthReportError::NoInstance => ApiError::FailedPrecondition(e.to_string()),
+            // NOT_FOUND: the sidecar registers again (with its health).
+            HealthReportError::Gone { key, .. } | HealthReportError::NotOwned { key, .. } => {
+                ApiError::NotFound { key }
+            }
+            HealthReportError::Corrupt { .. } => ApiError::internal("instance health", e),
+            // UNAVAILABLE, retryable: nothing was written.
+            HealthReportError::Conflict { .. } => ApiError::NoLeader(e.to_string()),
+            HealthReportError::Api(e) => e,
+        }
+    }
+}
+
+/// The health a sidecar reports: `None` for UNSPECIFIED.
+fn reported_health(value: i32) -> Result<Option<Health>, HealthReportError> {
+    match sc::InstanceHealth::try_from(value) {
+        Ok(sc::InstanceHealth::Unspecified) => Ok(None),
+        Ok(sc::InstanceHealth::Healthy) => Ok(Some(Health::Healthy)),
+        Ok(sc::InstanceHealth::Unhealthy) => Ok(Some(Health::Unhealthy)),
+        Err(_) => Err(HealthReportError::UnknownValue(value)),
+    }
+}
+
+/// The stored Instance `value` (at `key`) with `spec.health = health`,
+/// validated; `None` if it already has that health.
+fn with_health(
+    key: &str,
+    value: &[u8],
+    health: Health,
+) -> Result<Option<Vec<u8>>, HealthReportError> {
+    let corrupt = |reason: String| HealthReportError::Corrupt {
+        key: key.to_string(),
+        reason,
+    };
+    let mut r = Resource::from_json(value).map_err(|e| corrupt(e.to_string()))?;
+    let Spec::Instance(spec) = &mut r.spec else {
+        return Err(corrupt(format!("holds a {}, not an Instance", r.kind())));
+    };
+    if spec.health == health {
+        return Ok(None);
+    }
+    spec.health = health;
+    r.validate().map_err(|errs| {
+        corrupt(
+            errs.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    Ok(Some(r.to_json()))
+}
+
+/// Rewrites the health of the instance at `key`, which `lease` must hold:
+/// read (linearized), compare-and-set on `mod_revision`, same lease.
+/// Returns whether anything changed.
+pub async fn set_health(
+    node: &Arc<Node>,
+    key: &str,
+    lease: u64,
+    health: Health,
+) -> Result<bool, HealthReportError> {
+    for _ in 0..HEALTH_CAS_ATTEMPTS {
+        node.linearize().await?;
+        let kv = node
+            .store
+            .get(key)
+            .map_err(|e| ApiError::internal("store get", e))?
+            .ok_or_else(|| HealthReportError::Gone {
+                key: key.to_string(),
+                lease,
+            })?;
+        if kv.lease != lease {
+            return Err(HealthReportError::NotOwned {
+                key: key.to_string(),
+                lease,
+            });
+        }
+        let Some(value) = with_health(key, &kv.value, health)? else {
+            return Ok(false);
+        };
+        let resp = node
+            .propose(Command::Txn {
+                compare: vec![Compare {
+                    key: key.to_string(),
+                    target: CompareTarget::ModRevision(kv.mod_revision),
+                    op: CompareOp::Equal,
+                }],
+                success: vec![TxnOp::Put {
+                    key: key.to_string(),
+                    value,
+                    lease,
+                }],
+                failure: vec![],
+            })
+            .await?;
+        match resp.outcome {
+            Outcome::Txn {
+                succeeded: true, ..
+            } => return Ok(true),
+            Outcome::Txn { .. } => continue,
+            Outcome::LeaseNotFound { .. } => {
+                return Err(HealthReportError::Gone {
+                    key: key.to_string(),
+                    lease,
+                })
+            }
+            other => return Err(ApiError::internal("instance health", format!("{other:?}")).into()),
+        }
+    }
+    Err(HealthReportError::Conflict {
+        key: key.to_string(),
+        attempts: HEALTH_CAS_ATTEMPTS,
+    })
+}
 
 /// Why a session ended (for the log).
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +237,10 @@ fn instance_resource(
             } else {
                 reg.weight
             },
-            health: Default::default(),
+            // UNSPECIFIED (a sidecar without a check) is healthy.
+            health: reported_health(reg.health)
+                .map_err(|e| ApiError::invalid("instance.health", e.to_string()))?
+                .unwrap_or_default(),
         }),
     };
     resource.validate().map_err(|errs| {
@@ -283,6 +452,17 @@ pub async fn serve(
         } else {
             local::keep_alive(node, lease).await?
         };
+        if let Some(health) = reported_health(update.health).map_err(ApiError::from)? {
+            if lease == 0 {
+                return Err(ApiError::from(HealthReportError::NoInstance).into());
+            }
+            let changed = set_health(node, &instance_key, lease, health)
+                .await
+                .map_err(ApiError::from)?;
+            if changed {
+                tracing::info!(%spiffe_id, %instance_key, ?health, "instance health reported by its sidecar");
+            }
+        }
         send(
             tx,
             sc::session_message::Kind::Ack(sc::SessionAck {
@@ -306,6 +486,7 @@ mod tests {
             port: 9080,
             labels: [("version".to_string(), "v2".to_string())].into(),
             weight: 0,
+            health: 0,
         };
         let r = instance_resource("default", "reviews", &reg).unwrap();
         assert_eq!(r.key(), "/instance/default/reviews-1");
@@ -340,5 +521,108 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("metadata.name"));
+    }
+
+    fn registration(health: sc::InstanceHealth) -> sc::InstanceRegistration {
+        sc::InstanceRegistration {
+            name: "reviews-1".into(),
+            address: "127.0.0.1".into(),
+            port: 9080,
+            health: health as i32,
+            ..Default::default()
+        }
+    }
+
+    fn health_of(value: &[u8]) -> Health {
+        match Resource::from_json(value).unwrap().spec {
+            Spec::Instance(i) => i.health,
+            other => panic!("not an instance: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn registration_carries_the_reported_health() {
+        for (h, want) in [
+            (sc::InstanceHealth::Unspecified, Health::Healthy),
+            (sc::InstanceHealth::Healthy, Health::Healthy),
+            (sc::InstanceHealth::Unhealthy, Health::Unhealthy),
+        ] {
+            let r = instance_resource("default", "reviews", &registration(h)).unwrap();
+            assert_eq!(health_of(&r.to_json()), want, "{h:?}");
+        }
+        let bad = sc::InstanceRegistration {
+            health: 99,
+            ..registration(sc::InstanceHealth::Healthy)
+        };
+        let err = instance_resource("default", "reviews", &bad).unwrap_err();
+        assert!(err.to_string().contains("instance.health"), "{err}");
+    }
+
+    #[test]
+    fn health_reports_map_to_values_or_typed_errors() {
+        assert_eq!(reported_health(0).unwrap(), None);
+        assert_eq!(reported_health(1).unwrap(), Some(Health::Healthy));
+        assert_eq!(reported_health(2).unwrap(), Some(Health::Unhealthy));
+        assert!(matches!(
+            reported_health(7),
+            Err(HealthReportError::UnknownValue(7))
+        ));
+    }
+
+    #[test]
+    fn health_is_rewritten_only_when_it_changes() {
+        let r = instance_resource(
+            "default",
+            "reviews",
+            &registration(sc::InstanceHealth::Healthy),
+        )
+        .unwrap();
+        let key = r.key();
+        let value = r.to_json();
+        assert_eq!(with_health(&key, &value, Health::Healthy).unwrap(), None);
+        let down = with_health(&key, &value, Health::Unhealthy)
+            .unwrap()
+            .expect("changed");
+        assert_eq!(health_of(&down), Health::Unhealthy);
+        // Everything else is kept.
+        let mut back = Resource::from_json(&down).unwrap();
+        if let Spec::Instance(i) = &mut back.spec {
+            i.health = Health::Healthy;
+        }
+        assert_eq!(back, r);
+        let up = with_health(&key, &down, Health::Healthy)
+            .unwrap()
+            .expect("changed");
+        assert_eq!(health_of(&up), Health::Healthy);
+        assert!(matches!(
+            with_health(&key, b"garbage", Health::Healthy),
+            Err(HealthReportError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn health_errors_tell_the_sidecar_what_to_do() {
+        use sc::error::Code;
+        let code = |e: HealthReportError| ApiError::from(e).to_sidecar();
+        let gone = code(HealthReportError::Gone {
+            key: "/instance/default/a".into(),
+            lease: 3,
+        });
+        assert_eq!(gone.code, Code::NotFound as i32, "re-register: {gone:?}");
+        let taken = code(HealthReportError::NotOwned {
+            key: "/instance/default/a".into(),
+            lease: 3,
+        });
+        assert_eq!(taken.code, Code::NotFound as i32);
+        let race = code(HealthReportError::Conflict {
+            key: "/instance/default/a".into(),
+            attempts: HEALTH_CAS_ATTEMPTS,
+        });
+        assert_eq!(race.code, Code::Unavailable as i32);
+        assert!(race.retryable);
+        let none = code(HealthReportError::NoInstance);
+        assert_eq!(none.code, Code::FailedPrecondition as i32);
+        let bad = code(HealthReportError::UnknownValue(9));
+        assert_eq!(bad.code, Code::InvalidArgument as i32);
     }
 }

@@ -54,6 +54,10 @@ pub struct Entry {
     /// Retries sent.
     #[serde(skip_serializing_if = "is_zero")]
     pub retries: u32,
+    /// Resilience events of the request: an injected delay, a backup that
+    /// answered, outlier ejections it caused and returns it noticed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resilience: Vec<String>,
     /// The `x-trellis-error` of a synthetic response.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -85,6 +89,7 @@ pub struct HttpLine {
     pub route: String,
     pub upstream: Option<String>,
     pub retries: u32,
+    pub notes: Vec<String>,
 }
 
 impl HttpLine {
@@ -112,6 +117,7 @@ impl HttpLine {
             route: self.route,
             upstream: self.upstream,
             retries: self.retries,
+            resilience: self.notes,
             error: headers
                 .get(super::error::ERROR_HEADER)
                 .and_then(|v| v.to_str().ok())
@@ -267,6 +273,7 @@ mod tests {
             route: "split".into(),
             upstream: Some("127.0.0.1:1".into()),
             retries: 0,
+            resilience: vec!["ejected 127.0.0.1:2 for 30000 ms (ejection 1)".into()],
             error: None,
             trace_id: None,
             span_id: None,
@@ -304,6 +311,10 @@ mod tests {
         assert_eq!(lines[0]["code"], 200);
         assert_eq!(lines[1]["code"], 503);
         assert_eq!(lines[0]["destination"], "default/reviews/v1");
+        assert_eq!(
+            lines[0]["resilience"][0],
+            "ejected 127.0.0.1:2 for 30000 ms (ejection 1)"
+        );
         assert!(lines[0].get("retries").is_none());
     }
 

@@ -10,6 +10,10 @@
 //! | `weighted` | at random in proportion to the instances' `weight` |
 //! | `consistentHash` | weighted rendezvous hashing of the `hashHeader` value: the same value goes to the same endpoint while it is healthy, and removing an endpoint moves only its own keys; a request without the header is picked at random |
 //!
+//! Which endpoints are candidates at all ([`endpoints`]) combines the
+//! registry (subset labels, registered health), this sidecar's [`View`]
+//! (active health checks, outlier ejections) and locality.
+//!
 //! In-flight counts live in [`InFlight`], keyed by endpoint address and
 //! shared by all requests; an [`InFlightGuard`] holds one count until the
 //! response body is finished (or dropped). Endpoints come from the config
@@ -25,6 +29,9 @@ use hyper::HeaderMap;
 use trellis_resources::policy::{LbPolicy, LoadBalancer, DEFAULT_LB_POLICY};
 
 use super::error::ProxyError;
+use super::health_check::HealthChecks;
+use super::locality::{self, Candidate, ZONE_LABEL};
+use super::outlier::Outliers;
 use super::route::Target;
 use crate::mesh::MeshConfig;
 
@@ -36,38 +43,101 @@ pub struct Endpoint {
     pub weight: u32,
 }
 
-/// The healthy endpoints of `target` (its sidecars' inbound addresses), in
-/// registry key order. An unknown subset, or one without healthy
-/// instances, is [`ProxyError::NoHealthyEndpoint`].
-pub fn endpoints(cfg: &MeshConfig, target: &Target<'_>) -> Result<Vec<Endpoint>, ProxyError> {
+/// What this sidecar knows about endpoints beyond the registry: the
+/// caller's zone (for locality), active health-check results and outlier
+/// ejections. [`View::default`] knows nothing (every registered-healthy
+/// instance, no zone preference).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct View<'a> {
+    /// The caller's `zone` label.
+    pub caller_zone: Option<&'a str>,
+    /// Endpoints failing active health checks.
+    pub health_checks: Option<&'a HealthChecks>,
+    /// Ejected endpoints.
+    pub outliers: Option<&'a Outliers>,
+}
+
+impl View<'_> {
+    fn usable(&self, ep: SocketAddr) -> bool {
+        !self.health_checks.is_some_and(|h| h.is_failing(ep))
+            && !self.outliers.is_some_and(|o| o.is_ejected(ep))
+    }
+}
+
+/// The endpoints of a destination a request may use.
+#[derive(Debug)]
+pub struct Pool {
+    /// Candidates for the balancer (never empty).
+    pub endpoints: Vec<Endpoint>,
+    /// Instances registered healthy (the size outlier detection's
+    /// `maxEjectionPercent` is a share of).
+    pub size: usize,
+}
+
+/// The endpoints of `target` (its sidecars' inbound addresses) a request
+/// may use, in registry key order: instances of the subset that are
+/// registered healthy, pass their active health checks and are not
+/// ejected, narrowed by locality ([`super::locality`]). If checks and
+/// ejections leave nothing, every registered-healthy instance is used
+/// (Envoy's "panic" routing: a mis-set health check must not take a whole
+/// service down). An unknown subset, or one without healthy instances, is
+/// [`ProxyError::NoHealthyEndpoint`].
+pub fn endpoints(
+    cfg: &MeshConfig,
+    target: &Target<'_>,
+    view: &View<'_>,
+) -> Result<Pool, ProxyError> {
     let none = || ProxyError::NoHealthyEndpoint {
         service: target.service.to_string(),
         subset: target.subset.unwrap_or("-").to_string(),
     };
+    let policy = cfg
+        .destination_policy(target.namespace, target.service)
+        .map(|(_, p)| p);
     let labels = match target.subset {
         None => None,
-        Some(name) => {
-            let (_, policy) = cfg
-                .destination_policy(target.namespace, target.service)
-                .ok_or_else(none)?;
-            Some(&policy.subset(name).ok_or_else(none)?.labels)
-        }
+        Some(name) => Some(
+            &policy
+                .ok_or_else(none)?
+                .subset(name)
+                .ok_or_else(none)?
+                .labels,
+        ),
     };
-    let eps: Vec<Endpoint> = cfg
+    let candidates: Vec<Candidate<'_>> = cfg
         .instances(target.namespace, target.service)
         .filter(|(_, i)| i.health.is_healthy())
         .filter(|(_, i)| {
             labels.is_none_or(|want| want.iter().all(|(k, v)| i.labels.get(k) == Some(v)))
         })
-        .map(|(_, i)| Endpoint {
-            addr: SocketAddr::new(i.address, i.port),
-            weight: i.weight.max(1),
+        .map(|(_, i)| {
+            let endpoint = Endpoint {
+                addr: SocketAddr::new(i.address, i.port),
+                weight: i.weight.max(1),
+            };
+            Candidate {
+                endpoint,
+                zone: i.labels.get(ZONE_LABEL).map(String::as_str),
+                usable: view.usable(endpoint.addr),
+            }
         })
         .collect();
-    if eps.is_empty() {
+    if candidates.is_empty() {
         return Err(none());
     }
-    Ok(eps)
+    let locality = policy.and_then(|p| p.locality.as_ref());
+    let mut eps = locality::select(&candidates, view.caller_zone, locality);
+    if eps.is_empty() {
+        tracing::debug!(
+            service = target.service,
+            "every endpoint failing checks or ejected: using all"
+        );
+        eps = candidates.iter().map(|c| c.endpoint).collect();
+    }
+    Ok(Pool {
+        endpoints: eps,
+        size: candidates.len(),
+    })
 }
 
 /// Entries in the in-flight map before idle ones are pruned: more

@@ -10,6 +10,31 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 
 use super::body::{full, ProxyBody};
+use super::fault::Abort;
+
+impl std::fmt::Display for Abort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Abort::Http(s) => write!(f, "HTTP {s}"),
+            Abort::Grpc(c) => write!(f, "grpc-status {c}"),
+        }
+    }
+}
+
+/// gRPC's mapping of an HTTP status a gRPC client receives to the status
+/// code it reports (gRPC's "HTTP to gRPC status code mapping"), for
+/// HTTP-status aborts answered to gRPC callers.
+fn grpc_of_http(status: u16) -> u8 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 => 14,
+        504 => 4,
+        _ => 2,
+    }
+}
 
 /// The header that says why the sidecar answered instead of the upstream.
 pub const ERROR_HEADER: &str = "x-trellis-error";
@@ -67,6 +92,18 @@ pub enum ProxyError {
     /// This sidecar has no certificate yet (still joining).
     #[error("sidecar has no identity yet")]
     NoIdentity,
+    /// A `connectionPool` limit of the destination is full
+    /// ([`super::circuit`]): refused at once instead of queued.
+    #[error("circuit open: {limit} of {max} reached for {service}")]
+    CircuitOpen {
+        service: String,
+        limit: &'static str,
+        max: u32,
+    },
+    /// The Route rule's fault injection aborted the request
+    /// ([`super::fault`]); the destination was not called.
+    #[error("fault injected: abort with {abort} for {service}")]
+    FaultAbort { service: String, abort: Abort },
 }
 
 impl ProxyError {
@@ -108,9 +145,17 @@ impl ProxyError {
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::Unsupported { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoRoute { .. } | ProxyError::NoRuleMatched { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoHealthyEndpoint { .. } | ProxyError::NoIdentity => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoHealthyEndpoint { .. }
+            | ProxyError::NoIdentity
+            | ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::FaultAbort {
+                abort: Abort::Http(s),
+                ..
+            } => StatusCode::from_u16(*s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            ProxyError::FaultAbort {
+                abort: Abort::Grpc(_),
+                ..
+            } => StatusCode::OK,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. } | ProxyError::Reset { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -127,6 +172,14 @@ impl ProxyError {
             ProxyError::Forbidden { .. } => 7,
             ProxyError::Unsupported { .. } => 12,
             ProxyError::Timeout { .. } => 4,
+            ProxyError::FaultAbort {
+                abort: Abort::Grpc(c),
+                ..
+            } => *c,
+            ProxyError::FaultAbort {
+                abort: Abort::Http(s),
+                ..
+            } => grpc_of_http(*s),
             _ => 14,
         }
     }
@@ -134,6 +187,15 @@ impl ProxyError {
     /// The response: status, `x-trellis-error: <cause>`, a text body with
     /// the same words, and for gRPC callers `grpc-status`/`grpc-message`.
     pub fn into_response(self, grpc: bool) -> Response<ProxyBody> {
+        // An injected gRPC status is a gRPC answer whoever asked.
+        let grpc = grpc
+            || matches!(
+                self,
+                ProxyError::FaultAbort {
+                    abort: Abort::Grpc(_),
+                    ..
+                }
+            );
         let text = self.to_string();
         tracing::debug!(status = self.status().as_u16(), error = %text, "synthetic response");
         // Header values must be visible ASCII; names and reasons are, but
@@ -203,5 +265,33 @@ mod tests {
         }
         .into_response(false);
         assert_eq!(r.status(), 504);
+        let r = ProxyError::CircuitOpen {
+            service: "reviews".into(),
+            limit: "maxConcurrentRequests",
+            max: 3,
+        }
+        .into_response(false);
+        assert_eq!(r.status(), 503);
+        assert_eq!(
+            r.headers()[ERROR_HEADER],
+            "circuit open: maxConcurrentRequests of 3 reached for reviews"
+        );
+        let abort = |abort| ProxyError::FaultAbort {
+            service: "reviews".into(),
+            abort,
+        };
+        let r = abort(Abort::Http(418)).into_response(false);
+        assert_eq!(r.status(), 418);
+        assert_eq!(
+            r.headers()[ERROR_HEADER],
+            "fault injected: abort with HTTP 418 for reviews"
+        );
+        let r = abort(Abort::Http(503)).into_response(true);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        // A gRPC abort is a gRPC answer even to a plain HTTP caller.
+        let r = abort(Abort::Grpc(8)).into_response(false);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "8");
     }
 }

@@ -13,32 +13,42 @@
 //! * with `x-trellis-source` set to the caller's verified SPIFFE ID and
 //!   `traceparent` continued with this hop's span;
 //! * a `CONNECT` stream is a TCP tunnel ([`super::tcp::inbound`]).
+//!
+//! Connection limits ([`super::conn`]): at most `max_inbound_connections`
+//! at once (more are closed right after accept: a fast, visible refusal
+//! the calling sidecar can retry elsewhere, rather than a connect that
+//! hangs in the listen backlog); the TLS handshake within
+//! `tls_handshake_timeout`; the HTTP/2 preface and first request's headers
+//! within `request_header_timeout` after it (a peer that trickles bytes is
+//! dropped); then closed with GOAWAY after `idle_timeout` without a request
+//! in flight. A CONNECT tunnel counts as in flight only until its 200: an
+//! idle GOAWAY leaves open tunnels running to their end (the caller's pool
+//! opens a new connection for new requests).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, HOST};
 use hyper::{Method, Request, Response, Uri, Version};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use super::access_log::{self, AccessLog, HttpLine};
 use super::body::ProxyBody;
+use super::conn::{self, Limits};
 use super::drain::{Drain, DrainToken};
 use super::error::{is_grpc, ProxyError};
 use super::headers;
 use super::metrics::{Direction, Metrics, RequestLabels};
 use super::route::NO_RULE;
 use super::tls::TlsSource;
-use super::upstream::{
-    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS, STREAM_WINDOW,
-};
 use super::{tcp, trace};
 use crate::shutdown::Shutdown;
 
@@ -47,9 +57,6 @@ pub const SOURCE_HEADER: &str = "x-trellis-source";
 /// Set by the calling sidecar on requests its application sent as
 /// HTTP/1.x, so this side restores HTTP/1.1; never reaches the app.
 pub const ORIG_PROTO_HEADER: &str = "x-trellis-orig-proto";
-/// A peer has this long to finish the TLS handshake; a slow or silent
-/// client must not hold a task and a socket forever.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything the inbound path shares.
 #[derive(Debug)]
@@ -75,10 +82,13 @@ pub struct Inbound {
     pub access_log: AccessLog,
     /// Live connections, for the drain at shutdown.
     pub drain: Drain,
+    /// Connection limits (deadlines, idle timeout, header sizes, the cap).
+    pub limits: Arc<Limits>,
 }
 
 impl Inbound {
-    /// An inbound path forwarding to `app_addr`.
+    /// An inbound path forwarding to `app_addr`, with the default
+    /// connection limits ([`Inbound::with_limits`] sets others).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         tls: Arc<TlsSource>,
@@ -90,14 +100,10 @@ impl Inbound {
         access_log: AccessLog,
         drain: Drain,
     ) -> Self {
+        let limits = Arc::new(Limits::default());
         let http = AppConnector(app_addr);
-        let http1 = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .build(http);
-        let http2 = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .http2_only(true)
-            .build(http);
+        let http1 = limits.app_client(false).build(http);
+        let http2 = limits.app_client(true).build(http);
         Inbound {
             tls,
             app_addr,
@@ -110,7 +116,17 @@ impl Inbound {
             metrics,
             access_log,
             drain,
+            limits,
         }
+    }
+
+    /// The same path under `limits` (the app clients' response header
+    /// limits included).
+    pub fn with_limits(mut self, limits: Arc<Limits>) -> Self {
+        self.http1 = limits.app_client(false).build(AppConnector(self.app_addr));
+        self.http2 = limits.app_client(true).build(AppConnector(self.app_addr));
+        self.limits = limits;
+        self
     }
 
     /// The protocol the Service declares for `port` (exactly that port;
@@ -184,13 +200,23 @@ impl tower_service::Service<Uri> for AppConnector {
 }
 
 /// Accepts on `listener` until `shutdown`; open connections then finish
-/// their streams (GOAWAY) under the drain.
+/// their streams (GOAWAY) under the drain. Beyond `max_inbound_connections`
+/// open ones, a new connection is closed as soon as it is accepted.
 pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>, mut shutdown: Shutdown) {
+    let slots = Arc::new(Semaphore::new(inbound.limits.max_inbound_connections));
     while let Some((stream, peer)) = super::outbound::accept(&listener, &mut shutdown).await {
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(peer = %peer,
+                max = inbound.limits.max_inbound_connections,
+                "inbound connection limit reached; closing the new connection");
+            drop(stream);
+            continue;
+        };
         let inbound = Arc::clone(&inbound);
         let token = inbound.drain.token();
         let sd = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = connection(stream, peer, inbound, sd, token).await {
                 tracing::debug!(peer = %peer, error = %e, "inbound connection refused or failed");
             }
@@ -215,19 +241,25 @@ async fn connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     inbound: Arc<Inbound>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     token: DrainToken,
 ) -> Result<(), String> {
     let _token = token;
     // The config of the certificate current *now*: rotation applies to new
     // connections, existing ones keep theirs.
     let cfg = inbound.tls.server_config().map_err(|e| e.to_string())?;
+    let limits = Arc::clone(&inbound.limits);
     let tls = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
+        limits.tls_handshake_timeout,
         tokio_rustls::TlsAcceptor::from(cfg).accept(stream),
     )
     .await
-    .map_err(|_| "TLS handshake timed out".to_string())?
+    .map_err(|_| {
+        format!(
+            "TLS handshake timed out after {:?}",
+            limits.tls_handshake_timeout
+        )
+    })?
     .map_err(|e| format!("TLS handshake: {e}"))?;
     let spiffe = {
         let (_, conn) = tls.get_ref();
@@ -246,26 +278,24 @@ async fn connection(
         let source = Arc::clone(&source);
         async move { Ok::<_, Infallible>(inbound.handle(req, &source).await) }
     });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .serve_connection(TokioIo::new(tls), svc);
+    // The first request's deadline runs from here: the handshake is done.
+    let activity = conn::Activity::new();
+    let conn = limits
+        .http2_server()
+        .serve_connection(TokioIo::new(tls), conn::track(svc, &activity));
     tokio::pin!(conn);
-    let r = async {
-        tokio::select! {
-            r = conn.as_mut() => return r,
-            _ = shutdown.wait() => {}
-        }
-        conn.as_mut().graceful_shutdown();
-        conn.await
-    }
+    conn::drive(
+        conn,
+        |c| c.graceful_shutdown(),
+        &activity,
+        Some(limits.request_header_timeout),
+        limits.idle_timeout,
+        shutdown,
+    )
     .instrument(span)
-    .await;
-    r.map_err(|e| e.to_string())
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
 }
 
 /// The verified caller of a connection.
@@ -346,6 +376,7 @@ impl Inbound {
                     route: NO_RULE.to_string(),
                     upstream: Some(self.app_addr.to_string()),
                     retries: 0,
+                    notes: Vec::new(),
                 }
                 .finish(code, resp.headers(), elapsed, &span),
             );

@@ -9,6 +9,10 @@
 //! | `trellis_tcp_connections_total` | counter | direction, source, destination |
 //! | `trellis_tcp_open_connections` | gauge | direction, source, destination |
 //! | `trellis_tcp_sent_bytes_total`, `trellis_tcp_received_bytes_total` | counter | direction, source, destination |
+//! | `trellis_faults_injected_total` | counter | destination, kind (`delay`, `abort`) |
+//! | `trellis_circuit_open_total` | counter | destination, limit |
+//! | `trellis_backup_requests_total`, `trellis_backup_wins_total` | counter | destination |
+//! | `trellis_outlier_ejections_total`, `trellis_outlier_returns_total` | counter | destination |
 //! | `trellis_access_log_dropped_total` | counter | |
 //! | `trellis_config_revision` | gauge | |
 //!
@@ -114,11 +118,81 @@ impl Drop for TcpConnGuard {
     }
 }
 
+/// A resilience event, counted per destination (`ns/service` or
+/// `ns/service/subset`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Event {
+    /// Fault injection delayed a request.
+    FaultDelay,
+    /// Fault injection aborted a request.
+    FaultAbort,
+    /// A circuit-breaker limit (its policy field name) refused a request.
+    CircuitOpen(&'static str),
+    /// A backup request was sent.
+    BackupSent,
+    /// A backup request's answer was taken.
+    BackupWon,
+    /// Outlier detection ejected an endpoint.
+    OutlierEjection,
+    /// An ejected endpoint came back.
+    OutlierReturn,
+}
+
+impl Event {
+    /// (metric name, help, extra label name and value).
+    fn describe(
+        self,
+    ) -> (
+        &'static str,
+        &'static str,
+        Option<(&'static str, &'static str)>,
+    ) {
+        match self {
+            Event::FaultDelay => (
+                "trellis_faults_injected_total",
+                "Requests delayed or aborted by a Route's fault injection.",
+                Some(("kind", "delay")),
+            ),
+            Event::FaultAbort => (
+                "trellis_faults_injected_total",
+                "Requests delayed or aborted by a Route's fault injection.",
+                Some(("kind", "abort")),
+            ),
+            Event::CircuitOpen(limit) => (
+                "trellis_circuit_open_total",
+                "Requests refused because a connectionPool limit was full.",
+                Some(("limit", limit)),
+            ),
+            Event::BackupSent => (
+                "trellis_backup_requests_total",
+                "Backup (hedged) requests sent.",
+                None,
+            ),
+            Event::BackupWon => (
+                "trellis_backup_wins_total",
+                "Backup requests whose answer was taken.",
+                None,
+            ),
+            Event::OutlierEjection => (
+                "trellis_outlier_ejections_total",
+                "Endpoints ejected by outlier detection.",
+                None,
+            ),
+            Event::OutlierReturn => (
+                "trellis_outlier_returns_total",
+                "Ejected endpoints returned to their pool.",
+                None,
+            ),
+        }
+    }
+}
+
 /// All series of one sidecar.
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: RwLock<HashMap<RequestLabels, Arc<RequestSeries>>>,
     retries: RwLock<HashMap<String, AtomicU64>>,
+    events: RwLock<HashMap<(Event, String), AtomicU64>>,
     tcp: RwLock<HashMap<TcpLabels, Arc<TcpSeries>>>,
     access_log_dropped: AtomicU64,
 }
@@ -169,7 +243,22 @@ impl Metrics {
         }
     }
 
-    /// Counts a new TCP connection; it is open until the guard drops.
+    /// Counts one resilience `event` for `destination`.
+    pub fn event(&self, event: Event, destination: &str) {
+        if let Ok(m) = self.events.read() {
+            if let Some(c) = m.get(&(event, destination.to_string())) {
+                c.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        if let Ok(mut m) = self.events.write() {
+            m.entry((event, destination.to_string()))
+                .or_default()
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one TCP connection; it is open until the guard drops.
     pub fn tcp_open(&self, labels: &TcpLabels) -> TcpConnGuard {
         let s = series(&self.tcp, labels);
         s.opened.fetch_add(1, Ordering::Relaxed);
@@ -303,6 +392,30 @@ impl Metrics {
                 );
             }
         }
+        let mut events: Vec<(Event, String, u64)> = self
+            .events
+            .read()
+            .map(|m| {
+                m.iter()
+                    .map(|((e, d), v)| (*e, d.clone(), v.load(Ordering::Relaxed)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        events.sort_by(|a, b| (a.0.describe().0, &a.1, a.0).cmp(&(b.0.describe().0, &b.1, b.0)));
+        let mut last_family = "";
+        for (e, dest, n) in events {
+            let (name, help, extra) = e.describe();
+            if name != last_family {
+                header(&mut out, name, "counter", help);
+                last_family = name;
+            }
+            let extra = extra.map_or(String::new(), |(k, v)| format!(",{k}=\"{}\"", escape(v)));
+            let _ = writeln!(
+                out,
+                "{name}{{destination=\"{}\"{extra}}} {n}",
+                escape(&dest)
+            );
+        }
         header(
             &mut out,
             "trellis_access_log_dropped_total",
@@ -373,6 +486,10 @@ mod tests {
             Duration::from_secs(20),
         );
         m.retry("default/reviews/v1");
+        m.event(Event::CircuitOpen("maxConnections"), "default/reviews");
+        m.event(Event::FaultAbort, "default/reviews/v1");
+        m.event(Event::FaultAbort, "default/reviews/v1");
+        m.event(Event::FaultDelay, "default/reviews/v1");
         let t = m.render(7);
         let l = "direction=\"outbound\",source=\"default/productpage\",destination=\"default/reviews/v1\",route=\"split\",code=\"200\"";
         assert!(
@@ -400,6 +517,21 @@ mod tests {
         assert!(t.contains("code=\"502\",le=\"+Inf\"} 1\n"), "{t}");
         assert!(t.contains("trellis_retries_total{destination=\"default/reviews/v1\"} 1\n"));
         assert!(t.contains("trellis_config_revision 7\n"));
+        assert!(t.contains(
+            "trellis_circuit_open_total{destination=\"default/reviews\",limit=\"maxConnections\"} 1\n"
+        ));
+        assert!(t.contains(
+            "trellis_faults_injected_total{destination=\"default/reviews/v1\",kind=\"abort\"} 2\n"
+        ));
+        assert!(t.contains(
+            "trellis_faults_injected_total{destination=\"default/reviews/v1\",kind=\"delay\"} 1\n"
+        ));
+        // One HELP/TYPE per family.
+        assert_eq!(
+            t.matches("# TYPE trellis_faults_injected_total").count(),
+            1,
+            "{t}"
+        );
     }
 
     #[test]

@@ -16,8 +16,14 @@
 //!   3. route       Route rules in order: path/method/headers/sourceLabels
 //!                  → weighted destination (route.rs); no Route: the
 //!                  Service's instances; degrade answers locally
-//!   4. endpoints   healthy instances matching the subset's labels
-//!                  (DestinationPolicy) (balance.rs)
+//!   3b. fault      the rule's fault injection: delay a share, abort a
+//!                  share with an HTTP or gRPC status (fault.rs)
+//!   4a. circuit    the policy's maxConcurrentRequests, held until the
+//!                  response body ends; full → 503 circuit open (circuit.rs)
+//!   4. endpoints   instances matching the subset's labels, registered
+//!                  healthy, passing active health checks
+//!                  (health_check.rs), not ejected (outlier.rs), narrowed
+//!                  to one zone by locality (locality.rs) (balance.rs)
 //!   5. balance     the policy's balancer: least request (P2C, default),
 //!                  round robin, random, weighted, consistent hash on a
 //!                  header (balance.rs)
@@ -27,8 +33,15 @@
 //!                  rule's request header ops (headers.rs)
 //!   7. upstream    pooled HTTP/2 over mTLS to the instance's sidecar; its
 //!                  SPIFFE ID must be ns/<ns>/svc/<service> (upstream.rs,
-//!                  tls.rs); the route timeout bounds 7 (with 7a and its
-//!                  body buffering) until headers arrive
+//!                  tls.rs); a request waiting for that connection to be
+//!                  made counts toward maxPendingRequests (circuit.rs); the
+//!                  route timeout bounds 7 (with 7a and its body
+//!                  buffering) until headers arrive; with the policy's
+//!                  backupRequest, a bodyless GET/HEAD/OPTIONS still
+//!                  unanswered at the destination's latency percentile
+//!                  sends one copy to another endpoint within the budget
+//!                  and takes the first good answer (backup.rs); each
+//!                  try's result feeds outlier detection (outlier.rs)
 //!   7a. retry      only with the rule's `retries` (retry.rs): before 7 a
 //!                  replayable body (empty, or known length <= 64 KiB) is
 //!                  buffered, others stream once and are never retried;
@@ -63,7 +76,13 @@
 //! | [`detect`] | protocol detection from the first bytes |
 //! | [`orig_dst`] | the original destination of a redirected connection |
 //! | [`route`] | step 3: host parsing, rule matching, weighted pick; TCP rules |
+//! | [`fault`] | step 3b: fault injection draws |
+//! | [`circuit`] | step 4a (and 7, TCP): circuit-breaker limits |
 //! | [`balance`] | steps 4-5: endpoints of a subset, the balancers |
+//! | [`locality`] | step 4: zone preference, failover order, zone shifts |
+//! | [`outlier`] | step 4 and after 7: passive outlier detection |
+//! | [`health_check`] | step 4: active health checks; the local app's health |
+//! | [`backup`] | step 7: backup (hedged) requests |
 //! | [`headers`] | hop-by-hop stripping, Route header ops |
 //! | [`trace`] | W3C traceparent: a span per hop |
 //! | [`upstream`] | step 7: the HTTP/2 mTLS connection pool, CONNECT tunnels |
@@ -71,6 +90,7 @@
 //! | [`tcp`] | opaque TCP both ways, passthrough |
 //! | [`tls`] | rustls configs from the current identity (rotation-safe) |
 //! | [`inbound`] | the inbound listener, steps 10-11 |
+//! | [`conn`] | connection limits: deadlines, idle timeouts, HTTP/2 pings, header sizes |
 //! | [`metrics`] | Prometheus counters and histograms for `/metrics` |
 //! | [`access_log`] | the JSON access log, written in batches off the request path |
 //! | [`drain`] | graceful drain at shutdown |
@@ -78,17 +98,23 @@
 //! | [`body`] | [`body::ProxyBody`], the one body type |
 
 pub mod access_log;
+pub mod backup;
 pub mod balance;
 pub mod body;
+pub mod circuit;
+pub mod conn;
 pub mod detect;
 pub mod drain;
 pub mod error;
+pub mod fault;
 pub mod headers;
 pub mod health_check;
 pub mod inbound;
+pub mod locality;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
+pub mod outlier;
 pub mod retry;
 pub mod route;
 pub mod tcp;

@@ -43,19 +43,28 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
 use trellis_identity::Identity;
+use trellis_resources::policy::{
+    BackupRequest, ConnectionPool, LoadBalancer, OutlierDetection, RetryBudget,
+};
 use trellis_resources::Protocol;
 
 use super::access_log::{self, AccessLog, HttpLine};
-use super::balance::{self, Balancer, InFlightGuard};
+use super::backup::{self, Latencies};
+use super::balance::{self, Balancer, InFlightGuard, View};
 use super::body::{full, ProxyBody};
+use super::circuit::{self, Circuits, Limit};
+use super::conn::Limits;
 use super::detect::{self, Rewind};
 use super::drain::{Drain, DrainToken};
 use super::error::{is_grpc, ProxyError};
+use super::fault;
 use super::headers;
 use super::health_check::HealthChecks;
 use super::inbound::ORIG_PROTO_HEADER;
-use super::metrics::{Direction, Metrics, RequestLabels};
+use super::locality::ZONE_LABEL;
+use super::metrics::{Direction, Event, Metrics, RequestLabels};
 use super::orig_dst;
+use super::outlier::{self, Observed, Outliers};
 use super::retry::{self, Outcome, ReplayPlan, RetryBudgets};
 use super::route::{self, Decision, Target};
 use super::tcp;
@@ -94,6 +103,17 @@ pub struct Outbound {
     pub passthrough: Passthrough,
     /// Endpoints failing active health checks (left out of balancing).
     pub health: Arc<HealthChecks>,
+    /// Outlier-detection state per endpoint.
+    pub outliers: Outliers,
+    /// Circuit-breaker counts per destination service.
+    pub circuits: Circuits,
+    /// Latency histograms per destination service (backup requests).
+    pub latencies: Latencies,
+    /// Backup-request budgets per destination service.
+    pub backup_budgets: RetryBudgets,
+    /// Connection limits of the listener (deadlines, idle timeout, header
+    /// sizes).
+    pub limits: Arc<Limits>,
 }
 
 /// What the request path knows about a connection.
@@ -239,8 +259,19 @@ pub(crate) async fn accept(
 }
 
 /// Serves HTTP on `io` with `svc` until the client is done, or (at
-/// shutdown) until the requests in progress are.
-pub(crate) async fn serve_http<I, S>(io: I, svc: S, mut shutdown: Shutdown) -> Result<(), String>
+/// shutdown) until the requests in progress are. Under `limits`
+/// ([`super::conn`]): HTTP/1 headers within
+/// `request_header_timeout` (hyper closes the connection otherwise, also
+/// when a keep-alive connection waits that long for its next request) and
+/// within the header size limits (431); HTTP/2 keepalive pings and
+/// `max_header_list_size`; closed gracefully after `idle_timeout` without
+/// a request in flight.
+pub(crate) async fn serve_http<I, S>(
+    io: I,
+    svc: S,
+    limits: &Limits,
+    shutdown: Shutdown,
+) -> Result<(), String>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
@@ -251,15 +282,21 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let builder: auto::Builder<TokioExecutor> = limits.auto_server();
+    let activity = super::conn::Activity::new();
+    let conn = builder.serve_connection(TokioIo::new(io), super::conn::track(svc, &activity));
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => return r.map_err(|e| e.to_string()),
-        _ = shutdown.wait() => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    conn.await.map_err(|e| e.to_string())
+    super::conn::drive(
+        conn,
+        |c| c.graceful_shutdown(),
+        &activity,
+        None,
+        limits.idle_timeout,
+        shutdown,
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
 }
 
 /// The request's host: the URI authority (HTTP/2, absolute form) or the
@@ -292,7 +329,26 @@ struct Done {
     rule: String,
     upstream: Option<SocketAddr>,
     retries: u32,
+    /// Resilience events of this request (fault delay, backup, outlier
+    /// ejections and returns), for the access log.
+    notes: Vec<String>,
 }
+
+/// Why one try got no response.
+#[derive(Debug)]
+enum TryError {
+    /// `maxPendingRequests` was full.
+    Circuit(ProxyError),
+    Upstream(UpstreamError),
+}
+
+/// One try's result, the endpoint that answered, and the in-flight guard
+/// of a backup that answered.
+type Tried = (
+    Result<Response<Incoming>, TryError>,
+    SocketAddr,
+    Option<InFlightGuard>,
+);
 
 impl Outbound {
     /// One accepted connection (steps 1-3 of the module doc).
@@ -354,7 +410,7 @@ impl Outbound {
             let conn = Arc::clone(&conn);
             async move { Ok::<_, Infallible>(out.handle(req, &conn).await) }
         });
-        if let Err(e) = serve_http(io, svc, shutdown).await {
+        if let Err(e) = serve_http(io, svc, &self.limits, shutdown).await {
             tracing::debug!(peer = %peer, error = %e, "outbound connection ended with an error");
         }
     }
@@ -406,7 +462,9 @@ impl Outbound {
             rule: route::NO_RULE.to_string(),
             upstream: None,
             retries: 0,
+            notes: Vec::new(),
         };
+        self.note_returns(&mut done);
         let resp = match self
             .forward(req, &host, conn, &span, &mut done)
             .instrument(tspan)
@@ -438,6 +496,7 @@ impl Outbound {
                     route: done.rule.clone(),
                     upstream: done.upstream.map(|u| u.to_string()),
                     retries: done.retries,
+                    notes: std::mem::take(&mut done.notes),
                 }
                 .finish(code, resp.headers(), elapsed, &span),
             );
@@ -501,10 +560,35 @@ impl Outbound {
         let subset = target.subset.unwrap_or("-");
         done.destination = format!("{}/{}/{subset}", target.namespace, target.service);
         done.rule = target.rule.to_string();
-        let endpoints = balance::endpoints(&cfg, &target)?;
+        // Step 3b: fault injection, before anything touches the service.
+        if let Some(f) = target.fault {
+            let injected = fault::draw(f);
+            if let Some(d) = injected.delay {
+                self.metrics.event(Event::FaultDelay, &done.destination);
+                done.notes.push(format!("fault delay {} ms", d.as_millis()));
+                tokio::time::sleep(d).await;
+            }
+            if let Some(abort) = injected.abort {
+                self.metrics.event(Event::FaultAbort, &done.destination);
+                return Err(ProxyError::FaultAbort {
+                    service: target.service.to_string(),
+                    abort,
+                });
+            }
+        }
+        let service_key = format!("{}/{}", target.namespace, target.service);
+        self.health
+            .note_destination(target.namespace, target.service);
         let policy_spec = cfg
             .destination_policy(target.namespace, target.service)
             .map(|(_, p)| p);
+        let limits = policy_spec.and_then(|p| p.connection_pool.as_ref());
+        let outlier = policy_spec.and_then(|p| p.outlier_detection.as_ref());
+        // Step 4a: the circuit breaker's request limit, held until the
+        // response body ends.
+        let permit = self.admit(&service_key, target.service, limits, Limit::Requests)?;
+        let pool = balance::endpoints(&cfg, &target, &self.view())?;
+        let endpoints = &pool.endpoints;
         let lb = policy_spec.and_then(|p| p.load_balancer.as_ref());
         let no_endpoint = || ProxyError::NoHealthyEndpoint {
             service: target.service.to_string(),
@@ -512,7 +596,7 @@ impl Outbound {
         };
         let (ep, guard) = self
             .balancer
-            .pick(lb, &done.destination, &endpoints, &parts.headers)
+            .pick(lb, &done.destination, endpoints, &parts.headers)
             .ok_or_else(no_endpoint)?;
         let expected = self.expected_identity(&target)?;
 
@@ -544,10 +628,17 @@ impl Outbound {
         if let Some(ops) = target.headers.and_then(|h| h.request.as_ref()) {
             headers::apply(ops, &mut parts.headers);
         }
+        // Backup requests (backup.rs): bodyless idempotent requests to a
+        // destination with the policy, once its latency is known.
+        let backup = policy_spec
+            .and_then(|p| p.backup_request.as_ref())
+            .filter(|_| body.is_end_stream() && backup::may_hedge(&parts.method));
+        if backup.is_some() {
+            self.backup_budgets.deposit(&service_key);
+        }
         // Retries (retry.rs): a replayable body is buffered first; the
         // budget counts every request to the destination service.
-        let budget_key = format!("{}/{}", target.namespace, target.service);
-        self.retry_budgets.deposit(&budget_key);
+        self.retry_budgets.deposit(&service_key);
         let policy = target.retries.filter(|p| p.attempts > 0);
         // The route timeout also bounds reading a body to buffer.
         let deadline = tokio::time::Instant::now() + target.timeout;
@@ -583,11 +674,64 @@ impl Outbound {
             let per_try = policy
                 .and_then(|p| p.per_try_timeout)
                 .map_or(remaining, |t| t.as_std().min(remaining));
-            let sent =
-                tokio::time::timeout(per_try, self.upstreams.send(ep, &expected, upstream_req))
+            let try_start = Instant::now();
+            let primary = async {
+                let r = self
+                    .send_pooled(
+                        &service_key,
+                        target.service,
+                        limits,
+                        ep,
+                        &expected,
+                        upstream_req,
+                    )
                     .await;
+                (r, ep, None)
+            };
+            let hedge = backup.and_then(|b| {
+                self.latencies
+                    .hedge_delay(&service_key, b.after_percentile, b.min_delay.as_std())
+                    .map(|after| (b, after))
+            });
+            let attempt = async {
+                match hedge {
+                    None => primary.await,
+                    Some((b, after)) => {
+                        let start_backup = || {
+                            self.start_backup(
+                                &service_key,
+                                b,
+                                lb,
+                                &done.destination,
+                                endpoints,
+                                ep,
+                                &parts,
+                                &expected,
+                            )
+                        };
+                        let good =
+                            |t: &Tried| t.0.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
+                        let raced = backup::race(primary, after, start_backup, good).await;
+                        if raced.backup_won {
+                            self.metrics.event(Event::BackupWon, &service_key);
+                        }
+                        raced.answer
+                    }
+                }
+            };
+            let sent = tokio::time::timeout(per_try, attempt).await;
             let (outcome, result) = match sent {
                 Err(_) => {
+                    if let Some(o) = outlier {
+                        self.observe_into(
+                            done,
+                            &service_key,
+                            ep,
+                            Observed::GatewayError,
+                            o,
+                            pool.size,
+                        );
+                    }
                     // The rule's deadline, or only this try's.
                     let overall = per_try >= remaining;
                     let timeout = if overall { target.timeout } else { per_try };
@@ -601,42 +745,68 @@ impl Outbound {
                     }
                     (Outcome::Timeout, Err(err))
                 }
-                Ok(Err(UpstreamError::Connect(reason))) => (
-                    Outcome::ConnectFailure,
-                    Err(ProxyError::Connect {
-                        service: target.service.to_string(),
-                        subset: subset.to_string(),
-                        endpoint: ep.to_string(),
-                        reason,
-                    }),
-                ),
-                Ok(Err(e @ (UpstreamError::Reset(_) | UpstreamError::Refused(_)))) => (
-                    Outcome::Reset {
-                        refused: matches!(e, UpstreamError::Refused(_)),
-                    },
-                    Err(ProxyError::Reset {
-                        service: target.service.to_string(),
-                        subset: subset.to_string(),
-                        endpoint: ep.to_string(),
-                        reason: e.to_string(),
-                    }),
-                ),
-                Ok(Ok(r)) => (
-                    Outcome::of_response(r.status().as_u16(), r.headers()),
-                    Ok(r),
-                ),
+                Ok((r, answered_by, backup_guard)) => {
+                    if let Some(g) = backup_guard {
+                        // The backup's answer: its endpoint is the one busy.
+                        ep = answered_by;
+                        guard = g;
+                        done.upstream = Some(ep);
+                        done.notes.push(format!("backup answered from {ep}"));
+                    }
+                    if backup.is_some() && r.is_ok() {
+                        self.latencies.of(&service_key).record(try_start.elapsed());
+                    }
+                    let observed = match &r {
+                        Ok(resp) => Some(Observed::of_status(resp.status().as_u16())),
+                        // Refused here, before the endpoint was tried.
+                        Err(TryError::Circuit(_)) => None,
+                        Err(TryError::Upstream(_)) => Some(Observed::GatewayError),
+                    };
+                    if let (Some(o), Some(observed)) = (outlier, observed) {
+                        self.observe_into(done, &service_key, ep, observed, o, pool.size);
+                    }
+                    match r {
+                        Err(TryError::Circuit(e)) => return Err(e),
+                        Err(TryError::Upstream(UpstreamError::Connect(reason))) => (
+                            Outcome::ConnectFailure,
+                            Err(ProxyError::Connect {
+                                service: target.service.to_string(),
+                                subset: subset.to_string(),
+                                endpoint: ep.to_string(),
+                                reason,
+                            }),
+                        ),
+                        Err(TryError::Upstream(
+                            e @ (UpstreamError::Reset(_) | UpstreamError::Refused(_)),
+                        )) => (
+                            Outcome::Reset {
+                                refused: matches!(e, UpstreamError::Refused(_)),
+                            },
+                            Err(ProxyError::Reset {
+                                service: target.service.to_string(),
+                                subset: subset.to_string(),
+                                endpoint: ep.to_string(),
+                                reason: e.to_string(),
+                            }),
+                        ),
+                        Ok(r) => (
+                            Outcome::of_response(r.status().as_u16(), r.headers()),
+                            Ok(r),
+                        ),
+                    }
+                }
             };
             let again = match policy {
                 Some(p) if replay.is_some() && done.retries < p.attempts => {
                     retry::should_retry(p.effective_retry_on(), outcome)
                         && tokio::time::Instant::now() < deadline
-                        && self.retry_budgets.withdraw(&budget_key, budget)
+                        && self.retry_budgets.withdraw(&service_key, budget)
                 }
                 _ => false,
             };
             if !again {
                 let resp = result?;
-                return Ok(self.respond(resp, &target, guard, done.retries));
+                return Ok(self.respond(resp, &target, (guard, permit), done.retries));
             }
             done.retries += 1;
             self.metrics.retry(&done.destination);
@@ -650,11 +820,162 @@ impl Outbound {
                 .copied()
                 .filter(|e| !failed.contains(&e.addr))
                 .collect();
-            let candidates = if fresh.is_empty() { &endpoints } else { &fresh };
+            let candidates = if fresh.is_empty() { endpoints } else { &fresh };
             (ep, guard) = self
                 .balancer
                 .pick(lb, &done.destination, candidates, &parts.headers)
                 .ok_or_else(no_endpoint)?;
+        }
+    }
+
+    /// What this sidecar knows about endpoints beyond the registry (for
+    /// [`balance::endpoints`]).
+    pub(crate) fn view(&self) -> View<'_> {
+        View {
+            caller_zone: self.labels.get(ZONE_LABEL).map(String::as_str),
+            health_checks: Some(&self.health),
+            outliers: Some(&self.outliers),
+        }
+    }
+
+    /// One unit of a circuit-breaker `limit` of `service_key`, or the 503
+    /// that refuses the request (counted).
+    fn admit(
+        &self,
+        service_key: &str,
+        service: &str,
+        limits: Option<&ConnectionPool>,
+        limit: Limit,
+    ) -> Result<Option<circuit::Permit>, ProxyError> {
+        self.circuits
+            .acquire(service_key, limits, limit)
+            .map_err(|o| {
+                self.metrics.event(Event::CircuitOpen(o.limit), service_key);
+                ProxyError::CircuitOpen {
+                    service: service.to_string(),
+                    limit: o.limit,
+                    max: o.max,
+                }
+            })
+    }
+
+    /// Step 7: `req` to `ep` on the pooled connection; while that
+    /// connection is being made, the request counts as pending
+    /// (`maxPendingRequests`).
+    async fn send_pooled(
+        &self,
+        service_key: &str,
+        service: &str,
+        limits: Option<&ConnectionPool>,
+        ep: SocketAddr,
+        expected: &str,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, TryError> {
+        if limits.is_some_and(|l| l.max_pending_requests.is_some())
+            && !self.upstreams.is_connected(ep, expected)
+        {
+            let _pending = self
+                .admit(service_key, service, limits, Limit::Pending)
+                .map_err(TryError::Circuit)?;
+            self.upstreams
+                .connect_to(ep, expected)
+                .await
+                .map_err(TryError::Upstream)?;
+        }
+        self.upstreams
+            .send(ep, expected, req)
+            .await
+            .map_err(TryError::Upstream)
+    }
+
+    /// The backup of a try to `primary`: another endpoint, if the budget
+    /// allows; counted.
+    #[allow(clippy::too_many_arguments)]
+    fn start_backup<'a>(
+        &'a self,
+        service_key: &'a str,
+        policy: &BackupRequest,
+        lb: Option<&LoadBalancer>,
+        destination: &str,
+        endpoints: &[balance::Endpoint],
+        primary: SocketAddr,
+        parts: &hyper::http::request::Parts,
+        expected: &'a str,
+    ) -> Option<impl std::future::Future<Output = Tried> + 'a> {
+        let others: Vec<balance::Endpoint> = endpoints
+            .iter()
+            .copied()
+            .filter(|e| e.addr != primary)
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        let budget = RetryBudget {
+            percent: policy.max_percent,
+            min_per_second: 0,
+        };
+        if !self.backup_budgets.withdraw(service_key, Some(&budget)) {
+            return None;
+        }
+        let (bep, bguard) = self
+            .balancer
+            .pick(lb, destination, &others, &parts.headers)?;
+        self.metrics.event(Event::BackupSent, service_key);
+        tracing::debug!(primary = %primary, backup = %bep, "sending a backup request");
+        let req = Request::from_parts(parts.clone(), full(Bytes::new()));
+        Some(async move {
+            let r = self
+                .upstreams
+                .send(bep, expected, req)
+                .await
+                .map_err(TryError::Upstream);
+            (r, bep, Some(bguard))
+        })
+    }
+
+    /// Records a try's result for outlier detection; an ejection or return
+    /// it reveals is counted and noted on the request's access-log line.
+    fn observe_into(
+        &self,
+        done: &mut Done,
+        service_key: &str,
+        ep: SocketAddr,
+        observed: Observed,
+        cfg: &OutlierDetection,
+        pool_size: usize,
+    ) {
+        if let Some(e) = self.observe(service_key, ep, observed, cfg, pool_size) {
+            done.notes.push(e.to_string());
+        }
+    }
+
+    /// Records a try's result for outlier detection; returns the ejection
+    /// it caused (counted and logged).
+    pub(crate) fn observe(
+        &self,
+        service_key: &str,
+        ep: SocketAddr,
+        observed: Observed,
+        cfg: &OutlierDetection,
+        pool_size: usize,
+    ) -> Option<outlier::Event> {
+        let e = self
+            .outliers
+            .record(service_key, ep, observed, cfg, pool_size)?;
+        self.metrics.event(Event::OutlierEjection, service_key);
+        tracing::info!(destination = service_key, event = %e, "outlier ejected");
+        Some(e)
+    }
+
+    /// Ejections that ended (noticed lazily, one atomic load when none):
+    /// counted, logged, and noted on this request's access-log line.
+    fn note_returns(&self, done: &mut Done) {
+        for e in self.outliers.returns() {
+            if let outlier::Event::Returned { destination, .. } = &e {
+                self.metrics.event(Event::OutlierReturn, destination);
+            }
+            tracing::info!(event = %e, "outlier returned");
+            done.notes.push(e.to_string());
         }
     }
 
@@ -664,7 +985,7 @@ impl Outbound {
         &self,
         resp: Response<Incoming>,
         target: &Target<'_>,
-        guard: InFlightGuard,
+        guard: (InFlightGuard, Option<circuit::Permit>),
         retries: u32,
     ) -> Response<ProxyBody> {
         let (mut rparts, rbody) = resp.into_parts();

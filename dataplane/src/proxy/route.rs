@@ -19,7 +19,7 @@ use hyper::http::request::Parts;
 use regex::Regex;
 use trellis_resources::matching::{compile_regex, HeaderMatch, StringMatch};
 use trellis_resources::route::{
-    Degrade, HeaderOperations, HttpMatch, RetryPolicy, WeightedDestination, DEFAULT_TIMEOUT,
+    Degrade, Fault, HeaderOperations, HttpMatch, RetryPolicy, WeightedDestination, DEFAULT_TIMEOUT,
 };
 
 use super::error::ProxyError;
@@ -43,6 +43,8 @@ pub struct Target<'a> {
     pub headers: Option<&'a HeaderOperations>,
     /// The rule's retry policy (none: one try).
     pub retries: Option<&'a RetryPolicy>,
+    /// The rule's fault injection (none: no faults).
+    pub fault: Option<&'a Fault>,
 }
 
 /// What to do with a request.
@@ -101,6 +103,7 @@ pub fn decide<'a>(
                 timeout: rule.timeout.as_std(),
                 headers: rule.headers.as_ref(),
                 retries: rule.retries.as_ref(),
+                fault: rule.fault.as_ref(),
             }));
         }
     }
@@ -118,6 +121,7 @@ pub fn decide<'a>(
             timeout: DEFAULT_TIMEOUT.as_std(),
             headers: None,
             retries: None,
+            fault: None,
         })),
         None => Err(ProxyError::NoRoute {
             host: host.to_string(),
@@ -164,6 +168,7 @@ pub fn decide_tcp<'a>(
         timeout: DEFAULT_TIMEOUT.as_std(),
         headers: None,
         retries: None,
+        fault: None,
     };
     for (_, route) in cfg.routes_for_host(ns, name) {
         for rule in route.tcp.iter().filter(|r| r.port == port) {
@@ -297,15 +302,15 @@ mod tests {
         assert_eq!((t.service, t.subset), ("reviews", Some("v2")));
         assert_eq!(t.timeout, Duration::from_secs(2));
         // v2's only instance is unhealthy.
-        let e = balance::endpoints(&cfg, &t).unwrap_err();
+        let e = balance::endpoints(&cfg, &t, &Default::default()).unwrap_err();
         assert_eq!(e.to_string(), "no healthy endpoint for reviews/v2");
 
         let t = forward(&cfg, "reviews.default:9080", &parts("GET", "/api/12", &[])).unwrap();
         assert_eq!(t.subset, Some("v1"));
         assert_eq!(t.timeout, DEFAULT_TIMEOUT.as_std());
-        let eps = balance::endpoints(&cfg, &t).unwrap();
+        let eps = balance::endpoints(&cfg, &t, &Default::default()).unwrap();
         assert_eq!(
-            eps.iter().map(|e| e.addr).collect::<Vec<_>>(),
+            eps.endpoints.iter().map(|e| e.addr).collect::<Vec<_>>(),
             vec!["10.0.0.1:15006".parse().unwrap()]
         );
 
@@ -318,7 +323,72 @@ mod tests {
         let cfg = config(&[SVC, I1, I2]);
         let t = forward(&cfg, "reviews", &parts("GET", "/", &[])).unwrap();
         assert_eq!(t.subset, None);
-        assert_eq!(balance::endpoints(&cfg, &t).unwrap().len(), 1);
+        assert_eq!(
+            balance::endpoints(&cfg, &t, &Default::default())
+                .unwrap()
+                .endpoints
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn endpoints_leave_out_ejected_ones_prefer_the_zone_and_panic_when_all_are_out() {
+        use crate::proxy::outlier::{Observed, Outliers};
+        const ZI1: &str = r#"{"apiVersion":"trellis/v1","kind":"Instance","metadata":{"name":"z1","namespace":"default"},"spec":{"service":"reviews","address":"10.0.1.1","port":15006,"labels":{"zone":"a"}}}"#;
+        const ZI2: &str = r#"{"apiVersion":"trellis/v1","kind":"Instance","metadata":{"name":"z2","namespace":"default"},"spec":{"service":"reviews","address":"10.0.1.2","port":15006,"labels":{"zone":"b"}}}"#;
+        let cfg = config(&[SVC, ZI1, ZI2]);
+        let t = forward(&cfg, "reviews", &parts("GET", "/", &[])).unwrap();
+        let addrs = |p: balance::Pool| {
+            p.endpoints
+                .iter()
+                .map(|e| e.addr.to_string())
+                .collect::<Vec<_>>()
+        };
+        let outliers = Outliers::default();
+        let view = balance::View {
+            caller_zone: Some("a"),
+            health_checks: None,
+            outliers: Some(&outliers),
+        };
+        let pool = balance::endpoints(&cfg, &t, &view).unwrap();
+        assert_eq!(pool.size, 2);
+        assert_eq!(addrs(pool), ["10.0.1.1:15006"]);
+        // Zone a's only endpoint ejected: zone b.
+        let od = trellis_resources::policy::OutlierDetection {
+            consecutive_5xx_errors: 1,
+            consecutive_gateway_errors: 0,
+            interval: trellis_resources::Duration::from_secs(10),
+            base_ejection_time: trellis_resources::Duration::from_secs(30),
+            max_ejection_percent: 100,
+            max_ejection_time: trellis_resources::Duration::from_secs(300),
+        };
+        let ep = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(outliers
+            .record(
+                "default/reviews",
+                ep("10.0.1.1:15006"),
+                Observed::ServerError,
+                &od,
+                2
+            )
+            .is_some());
+        assert_eq!(
+            addrs(balance::endpoints(&cfg, &t, &view).unwrap()),
+            ["10.0.1.2:15006"]
+        );
+        // Both ejected: every registered-healthy instance (panic routing).
+        outliers.record(
+            "default/reviews",
+            ep("10.0.1.2:15006"),
+            Observed::GatewayError,
+            &od,
+            2,
+        );
+        assert_eq!(
+            addrs(balance::endpoints(&cfg, &t, &view).unwrap()),
+            ["10.0.1.1:15006", "10.0.1.2:15006"]
+        );
     }
 
     #[test]

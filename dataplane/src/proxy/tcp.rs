@@ -37,8 +37,10 @@ use tokio::net::TcpStream;
 use super::access_log::{self, Entry};
 use super::balance;
 use super::body::{full, ProxyBody};
+use super::circuit;
 use super::error::ProxyError;
-use super::metrics::{Direction, TcpConnGuard, TcpLabels};
+use super::metrics::{self, Direction, TcpConnGuard, TcpLabels};
+use super::outlier::Observed;
 use super::route;
 use super::upstream::CONNECT_TIMEOUT;
 use super::{Inbound, Outbound};
@@ -183,6 +185,7 @@ fn log_entry(
         route: route::NO_RULE.to_string(),
         upstream,
         retries: 0,
+        resilience: Vec::new(),
         error: error.or_else(|| done.error.clone()),
         trace_id: None,
         span_id: None,
@@ -204,7 +207,7 @@ where
     // One access-log line either way: the spliced connection, or the
     // refusal (counted as a connection that moved no bytes).
     let (destination, upstream, done, error) = match connect(out, &cfg, name, ns, port).await {
-        Ok((far, ep, destination, conn, _guard)) => {
+        Ok((far, ep, destination, conn, _guard, _permit)) => {
             let done = splice(client, far, &conn).await;
             (destination, Some(ep.to_string()), done, None)
         }
@@ -237,6 +240,7 @@ type Connected = (
     String,
     TcpConnGuard,
     balance::InFlightGuard,
+    Option<circuit::Permit>,
 );
 
 /// Steps 1-3; on failure, the destination label and the reason.
@@ -251,11 +255,32 @@ async fn connect(
     let subset = target.subset.unwrap_or("-");
     let destination = format!("{}/{}/{subset}", target.namespace, target.service);
     let fail = |e: ProxyError| (destination.clone(), e);
-    let eps = balance::endpoints(cfg, &target).map_err(fail)?;
-    let expected = out.expected_identity(&target).map_err(fail)?;
-    let lb = cfg
+    let policy = cfg
         .destination_policy(target.namespace, target.service)
-        .and_then(|(_, p)| p.load_balancer.as_ref());
+        .map(|(_, p)| p);
+    let service_key = format!("{}/{}", target.namespace, target.service);
+    // maxConnections: each proxied TCP connection holds one unit.
+    let permit = out
+        .circuits
+        .acquire(
+            &service_key,
+            policy.and_then(|p| p.connection_pool.as_ref()),
+            circuit::Limit::Connections,
+        )
+        .map_err(|o| {
+            out.metrics
+                .event(metrics::Event::CircuitOpen(o.limit), &service_key);
+            fail(ProxyError::CircuitOpen {
+                service: target.service.to_string(),
+                limit: o.limit,
+                max: o.max,
+            })
+        })?;
+    let pool = balance::endpoints(cfg, &target, &out.view()).map_err(fail)?;
+    let eps = pool.endpoints;
+    let expected = out.expected_identity(&target).map_err(fail)?;
+    let lb = policy.and_then(|p| p.load_balancer.as_ref());
+    let outlier = policy.and_then(|p| p.outlier_detection.as_ref());
     let authority = format!("{}.{}:{port}", target.service, target.namespace);
     let mut tried: Vec<SocketAddr> = Vec::new();
     loop {
@@ -280,16 +305,22 @@ async fn connect(
         .await;
         let reason = match r {
             Ok(Ok(io)) => {
+                if let Some(o) = outlier {
+                    out.observe(&service_key, ep, Observed::Success, o, pool.size);
+                }
                 let conn = out.metrics.tcp_open(&TcpLabels {
                     direction: Direction::Outbound,
                     source: out.source.clone(),
                     destination: destination.clone(),
                 });
-                return Ok((io, ep, destination, conn, guard));
+                return Ok((io, ep, destination, conn, guard, permit));
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => "tunnel not established in time".to_string(),
         };
+        if let Some(o) = outlier {
+            out.observe(&service_key, ep, Observed::GatewayError, o, pool.size);
+        }
         tried.push(ep);
         if tried.len() >= CONNECT_ATTEMPTS || tried.len() >= eps.len() {
             return Err(fail(ProxyError::Connect {
