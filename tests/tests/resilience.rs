@@ -259,7 +259,7 @@ async fn locality(m: &Mesh) -> Result<()> {
 
 async fn outlier_ejection(m: &Mesh) -> Result<()> {
     m.apply(&policy(&format!(
-        "{ANY_ZONE}  outlierDetection:\n    consecutive5xxErrors: 3\n    baseEjectionTime: 1s\n    maxEjectionPercent: 50\n"
+        "{ANY_ZONE}  outlierDetection:\n    consecutive5xxErrors: 3\n    baseEjectionTime: 2s\n    maxEjectionPercent: 50\n"
     )))
     .await?;
     m.backends[1].set(Mode::Status(500));
@@ -277,7 +277,7 @@ async fn outlier_ejection(m: &Mesh) -> Result<()> {
     let ejected_at = Instant::now();
     let r2_hits = m.backends[1].hits();
     // Ejected: no request reaches r2 while the ejection lasts.
-    while ejected_at.elapsed() < Duration::from_millis(700) {
+    while ejected_at.elapsed() < Duration::from_millis(1200) {
         let a = m.get().await?;
         ensure!(a.status == 200, "an ejected endpoint still answered: {a:?}");
     }
@@ -297,38 +297,38 @@ async fn outlier_ejection(m: &Mesh) -> Result<()> {
     }
     let back_after = ejected_at.elapsed();
     ensure!(
-        back_after >= Duration::from_millis(900),
-        "r2 came back after {back_after:?}, before its 1 s ejection ended"
+        back_after >= Duration::from_millis(1500),
+        "r2 came back after {back_after:?}, before its 2 s ejection ended"
     );
-    ensure!(
-        m.metric("trellis_outlier_ejections_total{destination=\"default/reviews\"}")
-            .await?
-            == 1.0
-    );
-    ensure!(
-        m.metric("trellis_outlier_returns_total{destination=\"default/reviews\"}")
-            .await?
-            == 1.0
-    );
+    // The ejection and the return, in metrics and in the access log. A
+    // return is noticed by the next request, so keep sending.
     let deadline = Instant::now() + STEP;
     loop {
-        let lines = m.access_log().await?;
-        let notes: Vec<String> = lines
+        m.get().await?;
+        let ejections = m
+            .metric("trellis_outlier_ejections_total{destination=\"default/reviews\"}")
+            .await?;
+        let returns = m
+            .metric("trellis_outlier_returns_total{destination=\"default/reviews\"}")
+            .await?;
+        let notes: Vec<String> = m
+            .access_log()
+            .await?
             .iter()
             .filter_map(|l| l["resilience"].as_array())
             .flatten()
             .filter_map(|n| n.as_str().map(str::to_string))
             .collect();
-        if notes.iter().any(|n| n.starts_with("ejected "))
-            && notes.iter().any(|n| n.starts_with("returned "))
-        {
+        let logged = notes.iter().any(|n| n.starts_with("ejected "))
+            && notes.iter().any(|n| n.starts_with("returned "));
+        if ejections == 1.0 && returns == 1.0 && logged {
             break;
         }
         ensure!(
-            Instant::now() < deadline,
-            "access log lacks ejection/return: {notes:?}"
+            Instant::now() < deadline && ejections <= 1.0,
+            "ejections {ejections}, returns {returns}, access-log notes {notes:?}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("outlier: r2 ejected after 3 × 500, back after {back_after:?}");
     Ok(())
@@ -339,7 +339,7 @@ async fn circuit_breaking(m: &Mesh) -> Result<()> {
         "{ANY_ZONE}  connectionPool: {{maxConcurrentRequests: 4}}\n"
     )))
     .await?;
-    m.set_all(Mode::Delay(Duration::from_millis(500)));
+    m.set_all(Mode::Delay(Duration::from_secs(2)));
     let answers = m.run(10, 10).await?;
     let ok = answers.iter().filter(|(a, _)| a.status == 200).count();
     let open: Vec<&(Answer, Duration)> = answers
@@ -431,12 +431,12 @@ async fn backup_requests(m: &Mesh) -> Result<()> {
 
 async fn fault_injection(m: &Mesh) -> Result<()> {
     const N: usize = 10_000;
-    let delay = Duration::from_millis(50);
+    let delay = Duration::from_millis(200);
     m.apply(&format!(
         "{}---{}",
         policy(ANY_ZONE),
         route(
-            "      fault:\n        delay: {percent: 5, fixedDelay: 50ms}\n        abort: {percent: 10, httpStatus: 503}\n"
+            "      fault:\n        delay: {percent: 5, fixedDelay: 200ms}\n        abort: {percent: 10, httpStatus: 503}\n"
         )
     ))
     .await?;

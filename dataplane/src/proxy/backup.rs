@@ -88,11 +88,8 @@ impl Histogram {
 
     /// The `p`th percentile (0..100), as its bucket's upper bound.
     pub fn percentile(&self, p: f64) -> Option<Duration> {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| u64::from(b.load(Ordering::Relaxed)))
-            .collect();
+        let counts: [u64; BUCKETS] =
+            std::array::from_fn(|i| u64::from(self.buckets[i].load(Ordering::Relaxed)));
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;
@@ -169,8 +166,11 @@ pub struct Raced<T> {
 
 /// Runs `primary`; if it is still running after `after`, starts the backup
 /// `start_backup` gives (if any) and takes the first answer that is
-/// `good`. When the first to finish is not good, the other is awaited and
-/// taken if it is; else the primary's answer stands.
+/// `good`. When the backup finishes first and is not good, the primary is
+/// awaited (the request's own deadline bounds it). When the primary
+/// finishes first and is not good, the backup gets `after` more to do
+/// better — a stalled backup must not turn a fast error into a timeout —
+/// and otherwise the primary's answer stands.
 pub async fn race<T, P, B>(
     primary: P,
     after: Duration,
@@ -199,11 +199,9 @@ where
             if good(&a) {
                 return Raced { answer: a, sent_backup: true, backup_won: false };
             }
-            let b = backup.await;
-            if good(&b) {
-                Raced { answer: b, sent_backup: true, backup_won: true }
-            } else {
-                Raced { answer: a, sent_backup: true, backup_won: false }
+            match tokio::time::timeout(after, backup).await {
+                Ok(b) if good(&b) => Raced { answer: b, sent_backup: true, backup_won: true },
+                _ => Raced { answer: a, sent_backup: true, backup_won: false },
             }
         }
         b = &mut backup => {
@@ -314,5 +312,20 @@ mod tests {
         )
         .await;
         assert!(!r.sent_backup && r.answer == 200);
+        // A failing primary does not wait long for a stalled backup.
+        let failing = async {
+            tokio::time::sleep(ms(20)).await;
+            503u16
+        };
+        let t = tokio::time::Instant::now();
+        let r = race(
+            failing,
+            ms(10),
+            || Some(std::future::pending::<u16>()),
+            |s| *s < 500,
+        )
+        .await;
+        assert!(r.sent_backup && !r.backup_won && r.answer == 503);
+        assert_eq!(t.elapsed(), ms(30));
     }
 }

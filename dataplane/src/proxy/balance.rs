@@ -58,9 +58,14 @@ pub struct View<'a> {
 }
 
 impl View<'_> {
-    fn usable(&self, ep: SocketAddr) -> bool {
-        !self.health_checks.is_some_and(|h| h.is_failing(ep))
-            && !self.outliers.is_some_and(|o| o.is_ejected(ep))
+    /// The per-endpoint test for this request, or `None` when nothing is
+    /// failing or ejected (the common case: no per-endpoint locks).
+    fn excluder(&self) -> Option<impl Fn(SocketAddr) -> bool + '_> {
+        let health = self.health_checks.filter(|h| h.any_failing());
+        let outliers = self.outliers.filter(|o| o.any_ejected());
+        (health.is_some() || outliers.is_some()).then_some(move |ep: SocketAddr| {
+            health.is_some_and(|h| h.is_failing(ep)) || outliers.is_some_and(|o| o.is_ejected(ep))
+        })
     }
 }
 
@@ -69,19 +74,20 @@ impl View<'_> {
 pub struct Pool {
     /// Candidates for the balancer (never empty).
     pub endpoints: Vec<Endpoint>,
-    /// Instances registered healthy (the size outlier detection's
-    /// `maxEjectionPercent` is a share of).
+    /// Instances of the whole service registered healthy (the size outlier
+    /// detection's `maxEjectionPercent` is a share of).
     pub size: usize,
 }
 
 /// The endpoints of `target` (its sidecars' inbound addresses) a request
 /// may use, in registry key order: instances of the subset that are
 /// registered healthy, pass their active health checks and are not
-/// ejected, narrowed by locality ([`super::locality`]). If checks and
-/// ejections leave nothing, every registered-healthy instance is used
-/// (Envoy's "panic" routing: a mis-set health check must not take a whole
-/// service down). An unknown subset, or one without healthy instances, is
-/// [`ProxyError::NoHealthyEndpoint`].
+/// ejected, narrowed by locality ([`super::locality`], which counts every
+/// instance of a zone, usable or not). If checks and ejections leave
+/// nothing, every registered-healthy instance outside evacuated zones is
+/// used (Envoy's "panic" routing: a mis-set health check must not take a
+/// whole service down). An unknown subset, or one without healthy
+/// instances, is [`ProxyError::NoHealthyEndpoint`].
 pub fn endpoints(
     cfg: &MeshConfig,
     target: &Target<'_>,
@@ -104,39 +110,47 @@ pub fn endpoints(
                 .labels,
         ),
     };
-    let candidates: Vec<Candidate<'_>> = cfg
-        .instances(target.namespace, target.service)
-        .filter(|(_, i)| i.health.is_healthy())
-        .filter(|(_, i)| {
-            labels.is_none_or(|want| want.iter().all(|(k, v)| i.labels.get(k) == Some(v)))
-        })
-        .map(|(_, i)| {
-            let endpoint = Endpoint {
-                addr: SocketAddr::new(i.address, i.port),
-                weight: i.weight.max(1),
-            };
-            Candidate {
-                endpoint,
-                zone: i.labels.get(ZONE_LABEL).map(String::as_str),
-                usable: view.usable(endpoint.addr),
-            }
-        })
-        .collect();
-    if candidates.is_empty() {
-        return Err(none());
+    let excluded = view.excluder();
+    let mut size = 0;
+    let mut candidates: Vec<Candidate<'_>> = Vec::new();
+    for (_, i) in cfg.instances(target.namespace, target.service) {
+        let registered = i.health.is_healthy();
+        size += usize::from(registered);
+        if !labels.is_none_or(|want| want.iter().all(|(k, v)| i.labels.get(k) == Some(v))) {
+            continue;
+        }
+        let endpoint = Endpoint {
+            addr: SocketAddr::new(i.address, i.port),
+            weight: i.weight.max(1),
+        };
+        candidates.push(Candidate {
+            endpoint,
+            zone: i.labels.get(ZONE_LABEL).map(String::as_str),
+            registered,
+            usable: registered && !excluded.as_ref().is_some_and(|x| x(endpoint.addr)),
+        });
     }
     let locality = policy.and_then(|p| p.locality.as_ref());
     let mut eps = locality::select(&candidates, view.caller_zone, locality);
     if eps.is_empty() {
-        tracing::debug!(
-            service = target.service,
-            "every endpoint failing checks or ejected: using all"
-        );
-        eps = candidates.iter().map(|c| c.endpoint).collect();
+        eps = candidates
+            .iter()
+            .filter(|c| c.registered && !locality::evacuated(c.zone, locality))
+            .map(|c| c.endpoint)
+            .collect();
+        if !eps.is_empty() {
+            tracing::debug!(
+                service = target.service,
+                "every endpoint failing checks or ejected: using all"
+            );
+        }
+    }
+    if eps.is_empty() {
+        return Err(none());
     }
     Ok(Pool {
         endpoints: eps,
-        size: candidates.len(),
+        size,
     })
 }
 

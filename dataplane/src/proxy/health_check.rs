@@ -216,6 +216,12 @@ impl HealthChecks {
         self.failing.read().is_ok_and(|s| s.contains(&ep))
     }
 
+    /// Whether any endpoint is failing its checks (one read lock; the
+    /// request path asks per endpoint only then).
+    pub fn any_failing(&self) -> bool {
+        self.failing.read().is_ok_and(|s| !s.is_empty())
+    }
+
     /// The request path routed a request to `namespace/service`: check its
     /// endpoints from now on if its policy has a `healthCheck`. A read lock
     /// and a set lookup once the destination is known.

@@ -40,8 +40,15 @@ pub struct Candidate<'a> {
     pub endpoint: Endpoint,
     /// Its `zone` label.
     pub zone: Option<&'a str>,
+    /// Registered healthy.
+    pub registered: bool,
     /// Registered healthy, passing active checks, not ejected.
     pub usable: bool,
+}
+
+/// Whether `zone` is evacuated by the policy's `shift`.
+pub fn evacuated(zone: Option<&str>, locality: Option<&Locality>) -> bool {
+    zone.is_some_and(|z| locality.is_some_and(|l| l.shift.iter().any(|s| s.from == z)))
 }
 
 /// The endpoints a request from `caller_zone` may use (see the module doc);
@@ -54,7 +61,7 @@ pub fn select(
     let prefer_local = locality.map_or(DEFAULT_PREFER_LOCAL, |l| l.prefer_local);
     let min_pct = locality.map_or(DEFAULT_MIN_HEALTHY_PERCENT, |l| l.min_healthy_percent);
     let shift = locality.map_or(&[][..], |l| &l.shift[..]);
-    let evacuated = |z: Option<&str>| z.is_some_and(|z| shift.iter().any(|s| s.from == z));
+    let evacuated = |z: Option<&str>| evacuated(z, locality);
     let kept = candidates.iter().filter(|c| !evacuated(c.zone));
     let caller_zone = caller_zone.map(|z| {
         shift
@@ -116,6 +123,7 @@ mod tests {
                 weight: 100,
             },
             zone,
+            registered: true,
             usable,
         }
     }

@@ -18,7 +18,7 @@
 //!                  Service's instances; degrade answers locally
 //!   3b. fault      the rule's fault injection: delay a share, abort a
 //!                  share with an HTTP or gRPC status (fault.rs)
-//!   4a. circuit    the policy's maxConcurrentRequests, held until the
+//!   3c. circuit    the policy's maxConcurrentRequests, held until the
 //!                  response body ends; full → 503 circuit open (circuit.rs)
 //!   4. endpoints   instances matching the subset's labels, registered
 //!                  healthy, passing active health checks
@@ -77,7 +77,7 @@
 //! | [`orig_dst`] | the original destination of a redirected connection |
 //! | [`route`] | step 3: host parsing, rule matching, weighted pick; TCP rules |
 //! | [`fault`] | step 3b: fault injection draws |
-//! | [`circuit`] | step 4a (and 7, TCP): circuit-breaker limits |
+//! | [`circuit`] | step 3c (and 7, TCP): circuit-breaker limits |
 //! | [`balance`] | steps 4-5: endpoints of a subset, the balancers |
 //! | [`locality`] | step 4: zone preference, failover order, zone shifts |
 //! | [`outlier`] | step 4 and after 7: passive outlier detection |

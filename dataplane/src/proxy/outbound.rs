@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use http_body_util::BodyExt;
@@ -342,6 +342,23 @@ enum TryError {
     Upstream(UpstreamError),
 }
 
+/// What every try of one request shares.
+struct TryCtx<'a> {
+    /// `namespace/service`.
+    service_key: &'a str,
+    service: &'a str,
+    limits: Option<&'a ConnectionPool>,
+    /// The SPIFFE ID the endpoints must prove.
+    expected: &'a str,
+    outlier: Option<&'a OutlierDetection>,
+    /// Registered-healthy instances of the service.
+    pool_size: usize,
+    /// Learn answer latencies (the destination has backup requests).
+    learn_latency: bool,
+    /// Outlier events of the tries, for the access-log line.
+    notes: Mutex<Vec<String>>,
+}
+
 /// One try's result, the endpoint that answered, and the in-flight guard
 /// of a backup that answered.
 type Tried = (
@@ -462,9 +479,8 @@ impl Outbound {
             rule: route::NO_RULE.to_string(),
             upstream: None,
             retries: 0,
-            notes: Vec::new(),
+            notes: self.outlier_returns(),
         };
-        self.note_returns(&mut done);
         let resp = match self
             .forward(req, &host, conn, &span, &mut done)
             .instrument(tspan)
@@ -560,23 +576,23 @@ impl Outbound {
         let subset = target.subset.unwrap_or("-");
         done.destination = format!("{}/{}/{subset}", target.namespace, target.service);
         done.rule = target.rule.to_string();
+        let service_key = format!("{}/{}", target.namespace, target.service);
         // Step 3b: fault injection, before anything touches the service.
         if let Some(f) = target.fault {
             let injected = fault::draw(f);
             if let Some(d) = injected.delay {
-                self.metrics.event(Event::FaultDelay, &done.destination);
+                self.metrics.event(Event::FaultDelay, &service_key);
                 done.notes.push(format!("fault delay {} ms", d.as_millis()));
                 tokio::time::sleep(d).await;
             }
             if let Some(abort) = injected.abort {
-                self.metrics.event(Event::FaultAbort, &done.destination);
+                self.metrics.event(Event::FaultAbort, &service_key);
                 return Err(ProxyError::FaultAbort {
                     service: target.service.to_string(),
                     abort,
                 });
             }
         }
-        let service_key = format!("{}/{}", target.namespace, target.service);
         self.health
             .note_destination(target.namespace, target.service);
         let policy_spec = cfg
@@ -584,7 +600,7 @@ impl Outbound {
             .map(|(_, p)| p);
         let limits = policy_spec.and_then(|p| p.connection_pool.as_ref());
         let outlier = policy_spec.and_then(|p| p.outlier_detection.as_ref());
-        // Step 4a: the circuit breaker's request limit, held until the
+        // Step 3c: the circuit breaker's request limit, held until the
         // response body ends.
         let permit = self.admit(&service_key, target.service, limits, Limit::Requests)?;
         let pool = balance::endpoints(&cfg, &target, &self.view())?;
@@ -660,6 +676,16 @@ impl Outbound {
             _ => (Some(body.boxed()), None),
         };
         let budget = policy_spec.and_then(|p| p.retry_budget.as_ref());
+        let ctx = TryCtx {
+            service_key: &service_key,
+            service: target.service,
+            limits,
+            expected: &expected,
+            outlier,
+            pool_size: pool.size,
+            learn_latency: backup.is_some(),
+            notes: Mutex::new(Vec::new()),
+        };
         let mut ep = ep;
         let mut guard = guard;
         let mut failed: Vec<SocketAddr> = Vec::new();
@@ -674,20 +700,7 @@ impl Outbound {
             let per_try = policy
                 .and_then(|p| p.per_try_timeout)
                 .map_or(remaining, |t| t.as_std().min(remaining));
-            let try_start = Instant::now();
-            let primary = async {
-                let r = self
-                    .send_pooled(
-                        &service_key,
-                        target.service,
-                        limits,
-                        ep,
-                        &expected,
-                        upstream_req,
-                    )
-                    .await;
-                (r, ep, None)
-            };
+            let primary = async { (self.try_endpoint(&ctx, ep, upstream_req).await, ep, None) };
             let hedge = backup.and_then(|b| {
                 self.latencies
                     .hedge_delay(&service_key, b.after_percentile, b.min_delay.as_std())
@@ -698,16 +711,7 @@ impl Outbound {
                     None => primary.await,
                     Some((b, after)) => {
                         let start_backup = || {
-                            self.start_backup(
-                                &service_key,
-                                b,
-                                lb,
-                                &done.destination,
-                                endpoints,
-                                ep,
-                                &parts,
-                                &expected,
-                            )
+                            self.start_backup(&ctx, b, lb, &done.destination, endpoints, ep, &parts)
                         };
                         let good =
                             |t: &Tried| t.0.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
@@ -720,6 +724,12 @@ impl Outbound {
                 }
             };
             let sent = tokio::time::timeout(per_try, attempt).await;
+            done.notes.extend(
+                ctx.notes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .drain(..),
+            );
             let (outcome, result) = match sent {
                 Err(_) => {
                     if let Some(o) = outlier {
@@ -752,18 +762,6 @@ impl Outbound {
                         guard = g;
                         done.upstream = Some(ep);
                         done.notes.push(format!("backup answered from {ep}"));
-                    }
-                    if backup.is_some() && r.is_ok() {
-                        self.latencies.of(&service_key).record(try_start.elapsed());
-                    }
-                    let observed = match &r {
-                        Ok(resp) => Some(Observed::of_status(resp.status().as_u16())),
-                        // Refused here, before the endpoint was tried.
-                        Err(TryError::Circuit(_)) => None,
-                        Err(TryError::Upstream(_)) => Some(Observed::GatewayError),
-                    };
-                    if let (Some(o), Some(observed)) = (outlier, observed) {
-                        self.observe_into(done, &service_key, ep, observed, o, pool.size);
                     }
                     match r {
                         Err(TryError::Circuit(e)) => return Err(e),
@@ -859,48 +857,79 @@ impl Outbound {
             })
     }
 
-    /// Step 7: `req` to `ep` on the pooled connection; while that
-    /// connection is being made, the request counts as pending
-    /// (`maxPendingRequests`).
-    async fn send_pooled(
+    /// Step 7, one try: `req` to `ep` on the pooled connection (while that
+    /// connection is being made, the request counts as pending,
+    /// `maxPendingRequests`); the answer's latency is learnt for backup
+    /// requests (answers below 500 only) and its outcome fed to outlier
+    /// detection.
+    async fn try_endpoint(
         &self,
-        service_key: &str,
-        service: &str,
-        limits: Option<&ConnectionPool>,
+        ctx: &TryCtx<'_>,
         ep: SocketAddr,
-        expected: &str,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, TryError> {
-        if limits.is_some_and(|l| l.max_pending_requests.is_some())
-            && !self.upstreams.is_connected(ep, expected)
+        let start = Instant::now();
+        let r = self.send_pooled(ctx, ep, req).await;
+        if ctx.learn_latency {
+            if let Ok(resp) = &r {
+                if resp.status().as_u16() < 500 {
+                    self.latencies.of(ctx.service_key).record(start.elapsed());
+                }
+            }
+        }
+        let observed = match &r {
+            Ok(resp) => Some(Observed::of_status(resp.status().as_u16())),
+            // Refused here, before the endpoint was tried.
+            Err(TryError::Circuit(_)) => None,
+            Err(TryError::Upstream(_)) => Some(Observed::GatewayError),
+        };
+        if let (Some(o), Some(observed)) = (ctx.outlier, observed) {
+            if let Some(e) = self.observe(ctx.service_key, ep, observed, o, ctx.pool_size) {
+                ctx.notes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(e.to_string());
+            }
+        }
+        r
+    }
+
+    async fn send_pooled(
+        &self,
+        ctx: &TryCtx<'_>,
+        ep: SocketAddr,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, TryError> {
+        if ctx.limits.is_some_and(|l| l.max_pending_requests.is_some())
+            && !self.upstreams.is_connected(ep, ctx.expected)
         {
             let _pending = self
-                .admit(service_key, service, limits, Limit::Pending)
+                .admit(ctx.service_key, ctx.service, ctx.limits, Limit::Pending)
                 .map_err(TryError::Circuit)?;
             self.upstreams
-                .connect_to(ep, expected)
+                .connect_to(ep, ctx.expected)
                 .await
                 .map_err(TryError::Upstream)?;
         }
         self.upstreams
-            .send(ep, expected, req)
+            .send(ep, ctx.expected, req)
             .await
             .map_err(TryError::Upstream)
     }
 
     /// The backup of a try to `primary`: another endpoint, if the budget
-    /// allows; counted.
+    /// and `maxConcurrentRequests` allow (a backup is one more request in
+    /// flight while it runs); counted.
     #[allow(clippy::too_many_arguments)]
     fn start_backup<'a>(
         &'a self,
-        service_key: &'a str,
+        ctx: &'a TryCtx<'a>,
         policy: &BackupRequest,
         lb: Option<&LoadBalancer>,
         destination: &str,
         endpoints: &[balance::Endpoint],
         primary: SocketAddr,
         parts: &hyper::http::request::Parts,
-        expected: &'a str,
     ) -> Option<impl std::future::Future<Output = Tried> + 'a> {
         let others: Vec<balance::Endpoint> = endpoints
             .iter()
@@ -910,26 +939,26 @@ impl Outbound {
         if others.is_empty() {
             return None;
         }
+        let permit = self
+            .circuits
+            .acquire(ctx.service_key, ctx.limits, Limit::Requests)
+            .ok()?;
         let budget = RetryBudget {
             percent: policy.max_percent,
             min_per_second: 0,
         };
-        if !self.backup_budgets.withdraw(service_key, Some(&budget)) {
+        if !self.backup_budgets.withdraw(ctx.service_key, Some(&budget)) {
             return None;
         }
         let (bep, bguard) = self
             .balancer
             .pick(lb, destination, &others, &parts.headers)?;
-        self.metrics.event(Event::BackupSent, service_key);
+        self.metrics.event(Event::BackupSent, ctx.service_key);
         tracing::debug!(primary = %primary, backup = %bep, "sending a backup request");
         let req = Request::from_parts(parts.clone(), full(Bytes::new()));
         Some(async move {
-            let r = self
-                .upstreams
-                .send(bep, expected, req)
-                .await
-                .map_err(TryError::Upstream);
-            (r, bep, Some(bguard))
+            let _permit = permit;
+            (self.try_endpoint(ctx, bep, req).await, bep, Some(bguard))
         })
     }
 
@@ -968,15 +997,19 @@ impl Outbound {
     }
 
     /// Ejections that ended (noticed lazily, one atomic load when none):
-    /// counted, logged, and noted on this request's access-log line.
-    fn note_returns(&self, done: &mut Done) {
-        for e in self.outliers.returns() {
-            if let outlier::Event::Returned { destination, .. } = &e {
-                self.metrics.event(Event::OutlierReturn, destination);
-            }
-            tracing::info!(event = %e, "outlier returned");
-            done.notes.push(e.to_string());
-        }
+    /// counted and logged; returned as notes for the access-log line.
+    pub(crate) fn outlier_returns(&self) -> Vec<String> {
+        self.outliers
+            .returns()
+            .into_iter()
+            .map(|e| {
+                if let outlier::Event::Returned { destination, .. } = &e {
+                    self.metrics.event(Event::OutlierReturn, destination);
+                }
+                tracing::info!(event = %e, "outlier returned");
+                e.to_string()
+            })
+            .collect()
     }
 
     /// Step 8: the rule's response header ops; the endpoint stays busy

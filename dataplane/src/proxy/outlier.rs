@@ -9,13 +9,17 @@
 //! consecutive-gateway count. Reaching `consecutive5xxErrors` or
 //! `consecutiveGatewayErrors` ejects the endpoint for
 //! `baseEjectionTime × ejections`, capped at `maxEjectionTime` — unless
-//! `maxEjectionPercent` of the destination's endpoints are already out
-//! (at least one may always be ejected, Envoy's rule, so a two-instance
-//! service can lose its bad one). The multiplier decays by one per
-//! `interval` the endpoint spends back in the pool without a new ejection.
+//! the ejected share of the service's endpoints has already reached
+//! `maxEjectionPercent` (Envoy's rule: an ejection is allowed while the
+//! share is below the percent, so one endpoint can always go). Ejection
+//! decisions are serialized, so concurrent failures cannot overshoot the
+//! cap. The multiplier decays by one per `interval` the endpoint spends
+//! back in the pool without a new ejection.
 //!
-//! [`Outliers::is_ejected`] is read for every endpoint of every request:
-//! one read lock and one atomic load. Returns are noticed lazily by
+//! [`Outliers::any_ejected`] is one atomic load, so while nothing is
+//! ejected the request path does not look further;
+//! [`Outliers::is_ejected`] is one read lock and one atomic load per
+//! endpoint. Returns are noticed lazily by
 //! [`Outliers::returns`] (the first request after an ejection ends), which
 //! also reports them, so metrics and the access log see both events.
 
@@ -110,6 +114,10 @@ pub struct Outliers {
     /// Earliest end of a current ejection (ms since start; u64::MAX: none),
     /// so [`Outliers::returns`] costs one load while nothing is due.
     next_return_ms: AtomicU64,
+    /// Endpoints ejected and not yet returned.
+    ejected: AtomicU64,
+    /// Serializes ejection decisions (check the cap, then eject).
+    ejecting: Mutex<()>,
 }
 
 impl Default for Outliers {
@@ -118,6 +126,8 @@ impl Default for Outliers {
             start: Instant::now(),
             map: RwLock::new(HashMap::new()),
             next_return_ms: AtomicU64::new(u64::MAX),
+            ejected: AtomicU64::new(0),
+            ejecting: Mutex::new(()),
         }
     }
 }
@@ -150,6 +160,12 @@ impl Outliers {
         }
     }
 
+    /// Whether any endpoint is (or was until its return is noticed)
+    /// ejected: one atomic load.
+    pub fn any_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Acquire) > 0
+    }
+
     /// Whether `ep` is ejected now.
     pub fn is_ejected(&self, ep: SocketAddr) -> bool {
         let until = self
@@ -178,8 +194,11 @@ impl Outliers {
             // Only touch an endpoint that has counts: the common case is a
             // read lock and two loads.
             if let Some(s) = self.map.read().ok().and_then(|m| m.get(&ep).cloned()) {
-                s.consecutive_5xx.store(0, Ordering::Release);
-                s.consecutive_gateway.store(0, Ordering::Release);
+                for c in [&s.consecutive_5xx, &s.consecutive_gateway] {
+                    if c.load(Ordering::Acquire) != 0 {
+                        c.store(0, Ordering::Release);
+                    }
+                }
             }
             return None;
         }
@@ -207,13 +226,10 @@ impl Outliers {
         cfg: &OutlierDetection,
         pool_size: usize,
     ) -> Option<Event> {
+        let _one_at_a_time = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.now_ms();
-        let allowed = if cfg.max_ejection_percent == 0 {
-            0
-        } else {
-            (pool_size * cfg.max_ejection_percent as usize / 100).max(1)
-        };
-        if self.ejected_in(destination, now) >= allowed {
+        let out = self.ejected_in(destination, now);
+        if out * 100 >= pool_size.max(1) * cfg.max_ejection_percent as usize {
             return None;
         }
         let mut book = s.book.lock().unwrap_or_else(|e| e.into_inner());
@@ -230,13 +246,18 @@ impl Outliers {
         }
         book.ejections = book.ejections.saturating_add(1);
         book.destination = destination.to_string();
-        book.out = true;
+        // Out already: an ejection that ended unnoticed is extended, and
+        // counted once.
+        let was_out = std::mem::replace(&mut book.out, true);
         let base = cfg.base_ejection_time.as_std();
         let duration = base
             .saturating_mul(book.ejections)
             .min(cfg.max_ejection_time.as_std());
-        let until = now + duration.as_millis() as u64;
+        let until = now.saturating_add(duration.as_millis() as u64);
         s.ejected_until_ms.store(until.max(1), Ordering::Release);
+        if !was_out {
+            self.ejected.fetch_add(1, Ordering::AcqRel);
+        }
         s.consecutive_5xx.store(0, Ordering::Release);
         s.consecutive_gateway.store(0, Ordering::Release);
         self.next_return_ms.fetch_min(until, Ordering::AcqRel);
@@ -272,6 +293,9 @@ impl Outliers {
         let Ok(m) = self.map.read() else {
             return Vec::new();
         };
+        // Claim the scan; an ejection made meanwhile lowers the mark again
+        // (fetch_min), and the scan's own result is merged in, not stored.
+        self.next_return_ms.store(u64::MAX, Ordering::Release);
         let mut events = Vec::new();
         let mut next = u64::MAX;
         for (ep, s) in m.iter() {
@@ -284,8 +308,15 @@ impl Outliers {
                 continue;
             }
             let mut book = s.book.lock().unwrap_or_else(|e| e.into_inner());
+            // Re-read under the lock: a new ejection may have just begun.
+            let until = s.ejected_until_ms.load(Ordering::Acquire);
+            if until > now {
+                next = next.min(until);
+                continue;
+            }
             if book.out {
                 book.out = false;
+                self.ejected.fetch_sub(1, Ordering::AcqRel);
                 book.returned_ms = now;
                 s.ejected_until_ms.store(0, Ordering::Release);
                 events.push(Event::Returned {
@@ -294,7 +325,7 @@ impl Outliers {
                 });
             }
         }
-        self.next_return_ms.store(next, Ordering::Release);
+        self.next_return_ms.fetch_min(next, Ordering::AcqRel);
         events
     }
 }
@@ -369,6 +400,7 @@ mod tests {
             o.record("d", ep(1), Observed::ServerError, &c, 2);
         }
         assert!(o.returns().is_empty());
+        assert!(o.any_ejected());
         std::thread::sleep(std::time::Duration::from_millis(60));
         assert!(!o.is_ejected(ep(1)));
         assert_eq!(
@@ -379,6 +411,7 @@ mod tests {
             }]
         );
         assert!(o.returns().is_empty());
+        assert!(!o.any_ejected());
         // Second ejection: 2 × 40 ms; third: capped at 100 ms.
         let mut last = None;
         for _ in 0..3 {

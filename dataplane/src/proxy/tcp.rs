@@ -204,6 +204,7 @@ where
 {
     let start = (log_time(&out.access_log), Instant::now());
     let cfg = Arc::clone(&out.config.borrow());
+    let notes = out.outlier_returns();
     // One access-log line either way: the spliced connection, or the
     // refusal (counted as a connection that moved no bytes).
     let (destination, upstream, done, error) = match connect(out, &cfg, name, ns, port).await {
@@ -222,7 +223,7 @@ where
             (destination, None, Spliced::default(), Some(e.to_string()))
         }
     };
-    out.access_log.log(log_entry(
+    let mut line = log_entry(
         Direction::Outbound,
         start,
         &out.source,
@@ -231,7 +232,9 @@ where
         upstream,
         &done,
         error,
-    ));
+    );
+    line.resilience = notes;
+    out.access_log.log(line);
 }
 
 type Connected = (
