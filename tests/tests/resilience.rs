@@ -12,7 +12,9 @@
 //!   row, gets no traffic until its ejection ends, then comes back;
 //!   ejection and return show in metrics and the access log;
 //! * circuit breaking: past `maxConcurrentRequests` requests are refused at
-//!   once with 503 `circuit open`, and served again once load drops;
+//!   once with 503 `circuit open`, and served again once load drops; a TCP
+//!   service's second connection is closed under `maxConnections: 1` until
+//!   the first ends;
 //! * backup requests: the p99 of backends with a slow tail, before and
 //!   after, and backups within the 15 % budget;
 //! * fault injection: 10 % aborts and 5 % delays measured over 10,000
@@ -26,13 +28,16 @@
 //!   completes its handshake, past `maxPendingRequests`, are refused at
 //!   once.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use futures::StreamExt;
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use trellis_tests::backend::{Backend, Mode};
-use trellis_tests::http::{h2_client, h2_get, instances_of, Answer, H2};
+use trellis_tests::http::{h2_client, h2_get, instances_of, tcp_echo, Answer, H2};
 use trellis_tests::sidecar::{apply, sidecar, SidecarProc};
 use trellis_tests::{Cluster, ClusterOptions};
 
@@ -51,6 +56,12 @@ kind: Service
 metadata: {name: productpage}
 spec:
   ports: [{name: http, port: 9080, protocol: http}]
+---
+apiVersion: trellis/v1
+kind: Service
+metadata: {name: db}
+spec:
+  ports: [{name: tcp, port: 5432, protocol: tcp}]
 "#;
 
 /// The Route for `reviews` with `extra` appended to its one rule.
@@ -95,6 +106,8 @@ struct Mesh {
     backends: Vec<Backend>,
     h2: H2,
     access_log: std::path::PathBuf,
+    /// The caller's `tcp_forward` listener to `db:5432` (a TCP echo).
+    db_forward: SocketAddr,
 }
 
 impl Mesh {
@@ -195,6 +208,23 @@ async fn start() -> Result<Mesh> {
         backends.push(b);
         instances.push(s);
     }
+    // A TCP service: an echo server behind its own sidecar.
+    let echo = tcp_echo().await?;
+    instances.push(
+        sidecar(
+            &c,
+            "db-1",
+            "db",
+            &[
+                "--app-addr".into(),
+                echo.to_string(),
+                "--instance-address".into(),
+                "127.0.0.1".into(),
+            ],
+        )
+        .await?,
+    );
+    let db_forward = SocketAddr::from(([127, 0, 0, 1], trellis_tests::free_ports(1)?[0]));
     let access_log = c.dir().join("caller-access.log");
     // The caller registers too, so it has a zone; nothing calls it.
     let caller = sidecar(
@@ -210,13 +240,16 @@ async fn start() -> Result<Mesh> {
             "zone=a".into(),
             "--access-log".into(),
             access_log.display().to_string(),
+            "--tcp-forward".into(),
+            format!("{db_forward}=db:5432"),
         ],
     )
     .await?;
     caller
-        .wait_dump(STEP, "three reviews instances", |d| {
+        .wait_dump(STEP, "three reviews instances and the db", |d| {
             d["revision"].as_u64().unwrap_or(0) >= rev
                 && instances_of(d, "reviews") == 3
+                && instances_of(d, "db") == 1
                 && d["identity"].is_string()
         })
         .await?;
@@ -232,7 +265,60 @@ async fn start() -> Result<Mesh> {
         backends,
         h2,
         access_log,
+        db_forward,
     })
+}
+
+/// One TCP connection through the caller to `db`: `Some(stream)` once it
+/// echoed a line, `None` when the sidecar closed it instead.
+async fn db_connection(m: &Mesh) -> Result<Option<TcpStream>> {
+    let mut s = TcpStream::connect(m.db_forward).await?;
+    s.write_all(b"ping\n").await?;
+    let mut buf = [0u8; 5];
+    match tokio::time::timeout(STEP, s.read_exact(&mut buf)).await {
+        Ok(Ok(_)) if &buf == b"ping\n" => Ok(Some(s)),
+        Ok(Ok(_)) => bail!("db echoed {buf:?}"),
+        // Closed without an echo: refused.
+        Ok(Err(_)) => Ok(None),
+        Err(_) => bail!("db connection neither echoed nor closed"),
+    }
+}
+
+/// `maxConnections` on a TCP service: the second connection is closed at
+/// once while the first is open; after the first closes, connections work
+/// again.
+async fn tcp_connections(m: &Mesh) -> Result<()> {
+    m.apply(
+        r#"
+apiVersion: trellis/v1
+kind: DestinationPolicy
+metadata: {name: db}
+spec:
+  host: db
+  connectionPool: {maxConnections: 1}
+"#,
+    )
+    .await?;
+    let first = db_connection(m).await?.context("the first connection")?;
+    ensure!(
+        db_connection(m).await?.is_none(),
+        "a second connection got through maxConnections: 1"
+    );
+    drop(first);
+    let deadline = Instant::now() + STEP;
+    while db_connection(m).await?.is_none() {
+        ensure!(
+            Instant::now() < deadline,
+            "connections still refused after the first closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(
+        m.metric("trellis_circuit_open_total{destination=\"default/db\",limit=\"maxConnections\"}")
+            .await?
+            >= 1.0
+    );
+    Ok(())
 }
 
 async fn locality(m: &Mesh) -> Result<()> {
@@ -622,6 +708,7 @@ async fn outliers_circuits_backups_faults_degrade_and_locality() -> Result<()> {
     locality(&m).await.context("locality")?;
     outlier_ejection(&m).await.context("outlier ejection")?;
     circuit_breaking(&m).await.context("circuit breaking")?;
+    tcp_connections(&m).await.context("maxConnections")?;
     backup_requests(&m).await.context("backup requests")?;
     fault_injection(&m).await.context("fault injection")?;
     degrade(&m).await.context("degrade")?;
