@@ -99,10 +99,11 @@ pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// HEADERS after the handshake. Headers are a few hundred bytes a real
 /// client sends at once; 10 s still covers a few TCP retransmission
 /// timeouts (1 + 2 + 4 s) on a lossy link, while a slowloris client that
-/// trickles a byte now and then is cut off. For HTTP/1 this is also how
-/// long a keep-alive connection may sit idle between requests (hyper
-/// starts the same timer when it waits for the next request), like
-/// Apache's `KeepAliveTimeout`.
+/// trickles a byte now and then is cut off (the inbound listener's
+/// HTTP/2 preface and first request). On the outbound listener's HTTP/1
+/// server hyper runs the same timer while a keep-alive connection waits
+/// for its next request, so there the deadline is the longer of this and
+/// [`DEFAULT_IDLE_TIMEOUT_MS`]: the app's pools must not race a close.
 pub const DEFAULT_REQUEST_HEADER_TIMEOUT_MS: u64 = 10_000;
 /// A downstream connection (either listener) with no request in flight for
 /// this long is closed gracefully (HTTP/2: GOAWAY). Five minutes is longer
@@ -123,6 +124,15 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// buffers, tens of KiB each) when something opens connections without
 /// limit. Connections beyond it are closed at once.
 pub const DEFAULT_MAX_INBOUND_CONNECTIONS: usize = 4_096;
+
+/// Most inbound connections the setting may allow: a million, past any
+/// file-descriptor limit a sidecar runs with (a larger value would only
+/// hide a typo).
+pub const MAX_MAX_INBOUND_CONNECTIONS: usize = 1_000_000;
+
+/// Most HTTP/1 request header fields the setting may allow: ten thousand,
+/// past any real request; more only buys a parser a larger heap vector.
+pub const MAX_MAX_REQUEST_HEADERS: usize = 10_000;
 /// Largest request header block (both listeners): HTTP/1 request line and
 /// headers (hyper's read buffer, 431 beyond), HTTP/2 `max_header_list_size`
 /// (uncompressed, RFC 9113 counting). Envoy's default is 60 KiB; 64 KiB
@@ -252,16 +262,22 @@ impl ConnectionConfig {
                 ));
             }
         }
-        if !(1..=10_000).contains(&self.max_request_headers) {
+        if !(1..=MAX_MAX_REQUEST_HEADERS).contains(&self.max_request_headers) {
             return Err(invalid(
                 field("max_request_headers"),
-                format!("must be in 1..=10000, got {}", self.max_request_headers),
+                format!(
+                    "must be in 1..={MAX_MAX_REQUEST_HEADERS}, got {}",
+                    self.max_request_headers
+                ),
             ));
         }
-        if self.max_inbound_connections == 0 {
+        if !(1..=MAX_MAX_INBOUND_CONNECTIONS).contains(&self.max_inbound_connections) {
             return Err(invalid(
                 field("max_inbound_connections"),
-                "must be at least 1",
+                format!(
+                    "must be in 1..={MAX_MAX_INBOUND_CONNECTIONS}, got {}",
+                    self.max_inbound_connections
+                ),
             ));
         }
         Ok(())
@@ -1059,6 +1075,9 @@ mod tests {
             }),
             ("connection.max_inbound_connections", |c| {
                 c.max_inbound_connections = 0
+            }),
+            ("connection.max_inbound_connections", |c| {
+                c.max_inbound_connections = usize::MAX
             }),
         ];
         for (field, mutate) in cases {

@@ -338,7 +338,7 @@ impl Sidecar {
                 access_log,
                 drain.clone(),
             )
-            .with_limits(limits),
+            .with_limits(Arc::clone(&limits)),
         );
         for (listener, to) in tcp_listeners {
             tokio::spawn(proxy::outbound::serve_tcp(
@@ -366,6 +366,7 @@ impl Sidecar {
             Arc::clone(&health),
             cache.subscribe(),
             Arc::clone(&tls),
+            Arc::clone(&limits),
             listen_shutdown.clone(),
         ));
         if config.instance.is_some() {

@@ -314,3 +314,20 @@ pub async fn sidecar(
     )
     .await
 }
+
+/// A workload certificate and key for `service` in namespace `default`,
+/// signed by `ca` (a peer sidecar's identity, for tests that talk mutual
+/// TLS to a sidecar directly): (certificate PEM, key PEM).
+pub fn workload_cert(ca: &trellis_identity::Ca, service: &str) -> Result<(String, String)> {
+    let (csr, key) = trellis_identity::generate_csr()?;
+    let issued = ca.sign_csr(
+        &csr,
+        &trellis_identity::Identity::Workload {
+            namespace: "default".into(),
+            service: service.into(),
+        },
+        &[],
+        trellis_identity::WORKLOAD_CERT_VALIDITY,
+    )?;
+    Ok((issued.cert_pem, key))
+}

@@ -30,9 +30,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
-use trellis_identity::{Ca, Identity};
+use trellis_identity::Ca;
 use trellis_tests::http::{h2_client, h2_get, h2_request, http1, instances_of, Answer, H2};
-use trellis_tests::sidecar::{apply, sidecar};
+use trellis_tests::sidecar::{apply, sidecar, workload_cert};
 use trellis_tests::{Cluster, ClusterOptions};
 
 const STEP: Duration = Duration::from_secs(30);
@@ -157,20 +157,6 @@ async fn split(send: &H2, n: usize) -> Result<(usize, usize)> {
         }
     }
     Ok((v1, v2))
-}
-
-fn workload_cert(ca: &Ca, service: &str) -> Result<(String, String)> {
-    let (csr, key) = trellis_identity::generate_csr()?;
-    let issued = ca.sign_csr(
-        &csr,
-        &Identity::Workload {
-            namespace: "default".into(),
-            service: service.into(),
-        },
-        &[],
-        trellis_identity::WORKLOAD_CERT_VALIDITY,
-    )?;
-    Ok((issued.cert_pem, key))
 }
 
 /// Connects to `inbound` with mutual TLS and sends one HTTP/2 request;

@@ -209,13 +209,12 @@ async fn failing_instances_leave_the_pool_and_are_reported_unhealthy() -> Result
         Ok((registry_health(&c, 1, "reviews-a").await? == "unhealthy").then_some(()))
     })
     .await?;
-    let dump = sidecars[0].get_json("/config_dump").await?;
-    ensure!(
-        dump["app_health"] == "failing" && dump["reported_health"] == "unhealthy",
-        "a's sidecar: app_health {} reported_health {}",
-        dump["app_health"],
-        dump["reported_health"]
-    );
+    // The sidecar records the ack after the registry has the write.
+    sidecars[0]
+        .wait_dump(STEP, "a's sidecar reporting its app unhealthy", |d| {
+            d["app_health"] == "failing" && d["reported_health"] == "unhealthy"
+        })
+        .await?;
     caller
         .wait_dump(STEP, "the caller seeing reviews-a unhealthy", |d| {
             d["resources"].as_array().is_some_and(|rs| {

@@ -137,6 +137,34 @@ fn with_health(
     Ok(Some(r.to_json()))
 }
 
+/// Puts `value` at `key` under `lease` if the key's `mod_revision` is
+/// still `mod_revision` (0: the key is absent): the outcome of that one
+/// compare-and-set transaction.
+async fn put_if_unchanged(
+    node: &Arc<Node>,
+    key: &str,
+    mod_revision: u64,
+    value: Vec<u8>,
+    lease: u64,
+) -> Result<Outcome, ApiError> {
+    let resp = node
+        .propose(Command::Txn {
+            compare: vec![Compare {
+                key: key.to_string(),
+                target: CompareTarget::ModRevision(mod_revision),
+                op: CompareOp::Equal,
+            }],
+            success: vec![TxnOp::Put {
+                key: key.to_string(),
+                value,
+                lease,
+            }],
+            failure: vec![],
+        })
+        .await?;
+    Ok(resp.outcome)
+}
+
 /// Rewrites the health of the instance at `key`, which `lease` must hold:
 /// read (linearized), compare-and-set on `mod_revision`, same lease.
 /// Returns whether anything changed.
@@ -165,22 +193,7 @@ pub async fn set_health(
         let Some(value) = with_health(key, &kv.value, health)? else {
             return Ok(false);
         };
-        let resp = node
-            .propose(Command::Txn {
-                compare: vec![Compare {
-                    key: key.to_string(),
-                    target: CompareTarget::ModRevision(kv.mod_revision),
-                    op: CompareOp::Equal,
-                }],
-                success: vec![TxnOp::Put {
-                    key: key.to_string(),
-                    value,
-                    lease,
-                }],
-                failure: vec![],
-            })
-            .await?;
-        match resp.outcome {
+        match put_if_unchanged(node, key, kv.mod_revision, value, lease).await? {
             Outcome::Txn {
                 succeeded: true, ..
             } => return Ok(true),
@@ -321,24 +334,8 @@ async fn register(
         return Ok((lease, key));
     }
     // Put only if the key is still as read (absent, or this service's).
-    let resp = node
-        .propose(Command::Txn {
-            compare: vec![Compare {
-                key: key.clone(),
-                target: CompareTarget::ModRevision(
-                    current.as_ref().map_or(0, |kv| kv.mod_revision),
-                ),
-                op: CompareOp::Equal,
-            }],
-            success: vec![TxnOp::Put {
-                key: key.clone(),
-                value,
-                lease,
-            }],
-            failure: vec![],
-        })
-        .await?;
-    match resp.outcome {
+    let mod_revision = current.as_ref().map_or(0, |kv| kv.mod_revision);
+    match put_if_unchanged(node, &key, mod_revision, value, lease).await? {
         Outcome::Txn {
             succeeded: true, ..
         } => Ok((lease, key)),

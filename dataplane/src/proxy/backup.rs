@@ -116,15 +116,7 @@ pub struct Latencies {
 impl Latencies {
     /// The histogram of `destination`.
     pub fn of(&self, destination: &str) -> Arc<Histogram> {
-        if let Ok(m) = self.map.read() {
-            if let Some(h) = m.get(destination) {
-                return Arc::clone(h);
-            }
-        }
-        match self.map.write() {
-            Ok(mut m) => Arc::clone(m.entry(destination.to_string()).or_default()),
-            Err(_) => Arc::new(Histogram::default()),
-        }
+        super::keyed::shared(&self.map, destination)
     }
 
     /// How long a try to `destination` runs before its backup: the

@@ -27,6 +27,7 @@ use std::sync::{Arc, RwLock};
 
 use hyper::HeaderMap;
 use trellis_resources::policy::{LbPolicy, LoadBalancer, DEFAULT_LB_POLICY};
+use trellis_resources::Health;
 
 use super::error::ProxyError;
 use super::health_check::HealthChecks;
@@ -85,9 +86,11 @@ pub struct Pool {
 /// ejected, narrowed by locality ([`super::locality`], which counts every
 /// instance of a zone, usable or not). If checks and ejections leave
 /// nothing, every registered-healthy instance outside evacuated zones is
-/// used (Envoy's "panic" routing: a mis-set health check must not take a
-/// whole service down). An unknown subset, or one without healthy
-/// instances, is [`ProxyError::NoHealthyEndpoint`].
+/// used, and if no instance is registered healthy, those that report
+/// themselves unhealthy (Envoy's "panic" routing: a mis-set health check
+/// must not take a whole service down); draining instances never are. An
+/// unknown subset, or one with no instance left, is
+/// [`ProxyError::NoHealthyEndpoint`].
 pub fn endpoints(
     cfg: &MeshConfig,
     target: &Target<'_>,
@@ -113,6 +116,8 @@ pub fn endpoints(
     let excluded = view.excluder();
     let mut size = 0;
     let mut candidates: Vec<Candidate<'_>> = Vec::new();
+    // Reported unhealthy (not draining): the last resort of panic routing.
+    let mut reported_unhealthy: Vec<(Endpoint, Option<&str>)> = Vec::new();
     for (_, i) in cfg.instances(target.namespace, target.service) {
         let registered = i.health.is_healthy();
         size += usize::from(registered);
@@ -123,6 +128,9 @@ pub fn endpoints(
             addr: SocketAddr::new(i.address, i.port),
             weight: i.weight.max(1),
         };
+        if i.health == Health::Unhealthy {
+            reported_unhealthy.push((endpoint, i.labels.get(ZONE_LABEL).map(String::as_str)));
+        }
         candidates.push(Candidate {
             endpoint,
             zone: i.labels.get(ZONE_LABEL).map(String::as_str),
@@ -138,10 +146,20 @@ pub fn endpoints(
             .filter(|c| c.registered && !locality::evacuated(c.zone, locality))
             .map(|c| c.endpoint)
             .collect();
+        if eps.is_empty() {
+            // Every instance reports itself unhealthy: a health check that
+            // fails everywhere (a wrong path, a shared dependency down) must
+            // not turn into a service-wide 503 on its own.
+            eps = reported_unhealthy
+                .iter()
+                .filter(|(_, zone)| !locality::evacuated(*zone, locality))
+                .map(|(e, _)| *e)
+                .collect();
+        }
         if !eps.is_empty() {
             tracing::debug!(
                 service = target.service,
-                "every endpoint failing checks or ejected: using all"
+                "every endpoint failing checks, ejected or reported unhealthy: panic routing to all"
             );
         }
     }
@@ -278,15 +296,7 @@ impl Balancer {
     }
 
     fn cursor(&self, pool: &str) -> Arc<AtomicUsize> {
-        if let Ok(m) = self.cursors.read() {
-            if let Some(c) = m.get(pool) {
-                return Arc::clone(c);
-            }
-        }
-        match self.cursors.write() {
-            Ok(mut m) => Arc::clone(m.entry(pool.to_string()).or_default()),
-            Err(_) => Arc::new(AtomicUsize::new(rand::random::<u32>() as usize)),
-        }
+        super::keyed::shared(&self.cursors, pool)
     }
 }
 

@@ -100,16 +100,7 @@ pub struct Circuits {
 
 impl Circuits {
     fn counters(&self, destination: &str) -> Arc<Counters> {
-        if let Ok(m) = self.map.read() {
-            if let Some(c) = m.get(destination) {
-                return Arc::clone(c);
-            }
-        }
-        match self.map.write() {
-            Ok(mut m) => Arc::clone(m.entry(destination.to_string()).or_default()),
-            // A poisoned map only loses the limit's precision.
-            Err(_) => Arc::new(Counters::default()),
-        }
+        super::keyed::shared(&self.map, destination)
     }
 
     /// Takes one unit of `limit` for `destination` under `pool`: `Ok(None)`

@@ -21,11 +21,8 @@
 //!
 //! The TLS handshake deadline and the cap on concurrent connections are
 //! applied by the inbound listener itself ([`super::inbound`]); idle pooled
-//! connections leave the pool in [`super::upstream`]. The inbound listener
-//! and the pool are handed their [`Limits`]; the outbound listener's HTTP
-//! server reads the process's ([`install`], [`installed`]), which the
-//! sidecar installs at start (last install wins when several sidecars
-//! share a process, as in-process tests do).
+//! connections leave the pool in [`super::upstream`]. Each listener and
+//! the pool are handed their [`Limits`] by the sidecar.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -51,8 +48,9 @@ use crate::shutdown::Shutdown;
 pub struct Limits {
     /// Inbound: the TLS handshake must finish within this.
     pub tls_handshake_timeout: Duration,
-    /// HTTP/1 request headers (both listeners) and the inbound listener's
-    /// first HTTP/2 request must arrive within this.
+    /// The inbound listener's first HTTP/2 request must arrive within
+    /// this; HTTP/1 request headers on the outbound listener within this
+    /// or the idle timeout, whichever is longer ([`Limits::auto_server`]).
     pub request_header_timeout: Duration,
     /// A downstream connection with no request in flight this long is
     /// closed gracefully; `None`: never.
@@ -106,16 +104,25 @@ fn settings_u32(v: usize) -> u32 {
 
 impl Limits {
     /// The outbound listener's server (HTTP/1.1 and HTTP/2 prior
-    /// knowledge): HTTP/1 header deadline (hyper also applies it to the
-    /// wait for the next request on a keep-alive connection), header
-    /// buffer and field count (431 beyond); HTTP/2 keepalive pings and
-    /// `max_header_list_size`.
+    /// knowledge): HTTP/1 header deadline, header buffer and field count
+    /// (431 beyond); HTTP/2 keepalive pings and `max_header_list_size`.
+    ///
+    /// hyper applies the HTTP/1 header deadline also to the wait for the
+    /// next request on a keep-alive connection, so here it is the idle
+    /// timeout (or the header deadline if that is longer; none when idle
+    /// connections are kept forever): the app's pools keep connections
+    /// idle for 90 s and more, and a shorter server-side close would race
+    /// their reuse. The clients are the local app, so slowloris is not the
+    /// concern it is on the inbound listener.
     pub fn auto_server(&self) -> auto::Builder<TokioExecutor> {
         let mut b = auto::Builder::new(TokioExecutor::new());
         {
             let mut h1 = b.http1();
             h1.timer(TokioTimer::new())
-                .header_read_timeout(self.request_header_timeout)
+                .header_read_timeout(
+                    self.idle_timeout
+                        .map(|idle| idle.max(self.request_header_timeout)),
+                )
                 .max_buf_size(self.max_request_header_bytes);
             // hyper parses up to 100 headers on the stack; a different
             // count moves the parse to the heap.

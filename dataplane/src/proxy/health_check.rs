@@ -42,7 +42,7 @@ use std::time::Duration;
 use hyper::body::Bytes;
 use hyper::header::{HeaderValue, HOST, USER_AGENT};
 use hyper::{Method, Request, Uri, Version};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -53,6 +53,7 @@ use trellis_resources::policy::HealthCheck;
 
 use super::body::full;
 use super::inbound::ORIG_PROTO_HEADER;
+use super::metrics::escape;
 use super::tls::TlsSource;
 use super::upstream::Upstreams;
 use crate::mesh::MeshConfig;
@@ -475,12 +476,6 @@ impl HealthChecks {
     }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 /// What one endpoint check task checks.
 #[derive(Debug, Clone, PartialEq)]
 struct Target {
@@ -498,9 +493,10 @@ pub async fn run_destination_checks(
     health: Arc<HealthChecks>,
     mut config: watch::Receiver<Arc<MeshConfig>>,
     tls: Arc<TlsSource>,
+    limits: Arc<super::conn::Limits>,
     mut shutdown: Shutdown,
 ) {
-    let upstreams = Arc::new(Upstreams::new(Arc::clone(&tls)));
+    let upstreams = Arc::new(Upstreams::with_limits(Arc::clone(&tls), limits));
     let mut tasks: HashMap<SocketAddr, (Target, JoinHandle<()>)> = HashMap::new();
     let mut config_open = true;
     loop {
@@ -679,35 +675,62 @@ async fn tcp_check(addr: SocketAddr, timeout: Duration) -> Result<(), CheckError
         .map_err(|e| CheckError::Connect(e.to_string()))
 }
 
-/// One HTTP/1.1 `GET path` straight to the local app (a fresh connection:
-/// a check every few seconds does not need a pool).
+/// Whether the app of `namespace/service` is checked over HTTP/2: when
+/// its Service has one port, declared `http2` or `grpc` — what the inbound
+/// listener speaks to the app for a check that peers send through it
+/// (their checks name no port), so both checks see the same app.
+fn app_speaks_h2(cfg: &MeshConfig, namespace: &str, service: &str) -> bool {
+    cfg.service(namespace, service).is_some_and(|(_, s)| {
+        matches!(
+            s.ports.as_slice(),
+            [p] if matches!(p.protocol, trellis_resources::Protocol::Http2 | trellis_resources::Protocol::Grpc)
+        )
+    })
+}
+
+/// One `GET path` straight to the local app, over HTTP/2 prior knowledge
+/// when `h2`, else HTTP/1.1 (a fresh connection: a check every few seconds
+/// does not need a pool).
 async fn local_http_check(
     app: SocketAddr,
     host: &str,
     path: &str,
+    h2: bool,
     timeout: Duration,
 ) -> Result<(), CheckError> {
     let check = async {
         let tcp = TcpStream::connect(app)
             .await
             .map_err(|e| CheckError::Connect(e.to_string()))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| CheckError::Connect(e.to_string()))?;
-        let conn = tokio::spawn(conn);
-        let req = Request::builder()
+        let io = TokioIo::new(tcp);
+        let connect = |e: hyper::Error| CheckError::Connect(e.to_string());
+        let mut req = Request::builder()
             .method(Method::GET)
-            .uri(path)
-            .header(HOST, host)
-            .header(USER_AGENT, CHECK_USER_AGENT)
+            .header(USER_AGENT, CHECK_USER_AGENT);
+        req = if h2 {
+            req.uri(format!("http://{host}{path}"))
+        } else {
+            req.uri(path).header(HOST, host)
+        };
+        let req = req
             .body(http_body_util::Empty::<Bytes>::new())
             .map_err(|e| CheckError::Request(e.to_string()))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| CheckError::Request(e.to_string()));
+        let (resp, conn) = if h2 {
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(connect)?;
+            let conn = tokio::spawn(conn);
+            (send.send_request(req).await, conn)
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(connect)?;
+            let conn = tokio::spawn(conn);
+            (send.send_request(req).await, conn)
+        };
         conn.abort();
-        status_result(resp?.status().as_u16())
+        let resp = resp.map_err(|e| CheckError::Request(e.to_string()))?;
+        status_result(resp.status().as_u16())
     };
     tokio::time::timeout(timeout, check)
         .await
@@ -772,8 +795,10 @@ pub async fn run_local_checks(
         }
         next = Instant::now() + check.interval.as_std().max(MIN_CHECK_INTERVAL);
         let timeout = check.timeout.as_std();
+        let h2 = app_speaks_h2(&config.borrow(), &namespace, &service);
+        let host = format!("{service}.{namespace}");
         let result = match &check.http {
-            Some(h) => local_http_check(app, &service, &h.path, timeout).await,
+            Some(h) => local_http_check(app, &host, &h.path, h2, timeout).await,
             None => tcp_check(app, timeout).await,
         };
         if let Err(e) = &result {

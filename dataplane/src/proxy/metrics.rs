@@ -31,6 +31,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use super::keyed::shared;
+
 /// Which listener traffic came through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Direction {
@@ -118,8 +120,7 @@ impl Drop for TcpConnGuard {
     }
 }
 
-/// A resilience event, counted per destination (`ns/service` or
-/// `ns/service/subset`).
+/// A resilience event, counted per destination service (`ns/service`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Event {
     /// Fault injection delayed a request.
@@ -191,32 +192,16 @@ impl Event {
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: RwLock<HashMap<RequestLabels, Arc<RequestSeries>>>,
-    retries: RwLock<HashMap<String, AtomicU64>>,
-    events: RwLock<HashMap<(Event, String), AtomicU64>>,
+    retries: RwLock<HashMap<String, Arc<AtomicU64>>>,
+    events: RwLock<HashMap<(Event, String), Arc<AtomicU64>>>,
     tcp: RwLock<HashMap<TcpLabels, Arc<TcpSeries>>>,
     access_log_dropped: AtomicU64,
-}
-
-fn series<K: Clone + Eq + std::hash::Hash, V: Default>(
-    map: &RwLock<HashMap<K, Arc<V>>>,
-    key: &K,
-) -> Arc<V> {
-    if let Ok(m) = map.read() {
-        if let Some(s) = m.get(key) {
-            return Arc::clone(s);
-        }
-    }
-    match map.write() {
-        Ok(mut m) => Arc::clone(m.entry(key.clone()).or_default()),
-        // A poisoned map only loses counts.
-        Err(_) => Arc::new(V::default()),
-    }
 }
 
 impl Metrics {
     /// Counts one request and its duration (arrival to response headers).
     pub fn request(&self, labels: &RequestLabels, elapsed: Duration) {
-        let s = series(&self.requests, labels);
+        let s = shared(&self.requests, labels);
         s.count.fetch_add(1, Ordering::Relaxed);
         let secs = elapsed.as_secs_f64();
         let i = LATENCY_BUCKETS
@@ -230,37 +215,17 @@ impl Metrics {
 
     /// Counts one retry to `destination` (`ns/service/subset`).
     pub fn retry(&self, destination: &str) {
-        if let Ok(m) = self.retries.read() {
-            if let Some(c) = m.get(destination) {
-                c.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        }
-        if let Ok(mut m) = self.retries.write() {
-            m.entry(destination.to_string())
-                .or_default()
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        shared(&self.retries, destination).fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one resilience `event` for `destination`.
     pub fn event(&self, event: Event, destination: &str) {
-        if let Ok(m) = self.events.read() {
-            if let Some(c) = m.get(&(event, destination.to_string())) {
-                c.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        }
-        if let Ok(mut m) = self.events.write() {
-            m.entry((event, destination.to_string()))
-                .or_default()
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        shared(&self.events, &(event, destination.to_string())).fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one TCP connection; it is open until the guard drops.
     pub fn tcp_open(&self, labels: &TcpLabels) -> TcpConnGuard {
-        let s = series(&self.tcp, labels);
+        let s = shared(&self.tcp, labels);
         s.opened.fetch_add(1, Ordering::Relaxed);
         s.open.fetch_add(1, Ordering::Relaxed);
         TcpConnGuard(s)
@@ -455,7 +420,8 @@ fn request_labels(l: &RequestLabels) -> String {
 }
 
 /// Prometheus label value escaping.
-fn escape(v: &str) -> String {
+/// A Prometheus label value, escaped.
+pub(crate) fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

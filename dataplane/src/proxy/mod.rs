@@ -95,6 +95,7 @@
 //! | [`access_log`] | the JSON access log, written in batches off the request path |
 //! | [`drain`] | graceful drain at shutdown |
 //! | [`error`] | [`ProxyError`] → response |
+//! | [`keyed`] | per-key shared state created on first use |
 //! | [`body`] | [`body::ProxyBody`], the one body type |
 
 pub mod access_log;
@@ -110,6 +111,7 @@ pub mod fault;
 pub mod headers;
 pub mod health_check;
 pub mod inbound;
+pub mod keyed;
 pub mod locality;
 pub mod metrics;
 pub mod orig_dst;

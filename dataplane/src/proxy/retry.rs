@@ -227,15 +227,7 @@ impl RetryBudgets {
     }
 
     fn budget(&self, destination: &str) -> Arc<Budget> {
-        if let Ok(m) = self.budgets.read() {
-            if let Some(b) = m.get(destination) {
-                return Arc::clone(b);
-            }
-        }
-        match self.budgets.write() {
-            Ok(mut m) => Arc::clone(m.entry(destination.to_string()).or_default()),
-            Err(_) => Arc::new(Budget::default()),
-        }
+        super::keyed::shared(&self.budgets, destination)
     }
 
     /// Counts a request to `destination`.

@@ -301,8 +301,19 @@ mod tests {
         let t = forward(&cfg, "reviews", &parts("GET", "/x", &[("x-canary", "yes")])).unwrap();
         assert_eq!((t.service, t.subset), ("reviews", Some("v2")));
         assert_eq!(t.timeout, Duration::from_secs(2));
-        // v2's only instance is unhealthy.
-        let e = balance::endpoints(&cfg, &t, &Default::default()).unwrap_err();
+        // v2's only instance reports itself unhealthy: panic routing still
+        // uses it; a draining one, never.
+        let eps = balance::endpoints(&cfg, &t, &Default::default()).unwrap();
+        assert_eq!(eps.endpoints.len(), 1);
+        let draining = I2.replace("unhealthy", "draining");
+        let cfg2 = config(&[SVC, DP, ROUTE, I1, &draining]);
+        let t2 = forward(
+            &cfg2,
+            "reviews",
+            &parts("GET", "/x", &[("x-canary", "yes")]),
+        )
+        .unwrap();
+        let e = balance::endpoints(&cfg2, &t2, &Default::default()).unwrap_err();
         assert_eq!(e.to_string(), "no healthy endpoint for reviews/v2");
 
         let t = forward(&cfg, "reviews.default:9080", &parts("GET", "/api/12", &[])).unwrap();
@@ -319,7 +330,8 @@ mod tests {
         let e = forward(&cfg, "ratings", &parts("GET", "/", &[])).unwrap_err();
         assert_eq!(e.to_string(), "no route for host ratings");
 
-        // No Route: the Service's instances, healthy ones only.
+        // No Route: the Service's instances, healthy ones (the unhealthy
+        // one is only a last resort).
         let cfg = config(&[SVC, I1, I2]);
         let t = forward(&cfg, "reviews", &parts("GET", "/", &[])).unwrap();
         assert_eq!(t.subset, None);

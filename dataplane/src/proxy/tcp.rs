@@ -279,6 +279,8 @@ async fn connect(
                 max: o.max,
             })
         })?;
+    out.health
+        .note_destination(target.namespace, target.service);
     let pool = balance::endpoints(cfg, &target, &out.view()).map_err(fail)?;
     let eps = pool.endpoints;
     let expected = out.expected_identity(&target).map_err(fail)?;
