@@ -100,10 +100,10 @@ pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// client sends at once; 10 s still covers a few TCP retransmission
 /// timeouts (1 + 2 + 4 s) on a lossy link, while a slowloris client that
 /// trickles a byte now and then is cut off (the inbound listener's
-/// HTTP/2 preface and first request). On the outbound listener's HTTP/1
-/// server hyper runs the same timer while a keep-alive connection waits
-/// for its next request, so there the deadline is the longer of this and
-/// [`DEFAULT_IDLE_TIMEOUT_MS`]: the app's pools must not race a close.
+/// HTTP/2 preface and first request). The outbound listener's HTTP/1
+/// clients (the local app) are bounded by [`DEFAULT_IDLE_TIMEOUT_MS`]
+/// instead: a per-request header timer would cost every request and cut
+/// keep-alive connections the app's pools still hold.
 pub const DEFAULT_REQUEST_HEADER_TIMEOUT_MS: u64 = 10_000;
 /// A downstream connection (either listener) with no request in flight for
 /// this long is closed gracefully (HTTP/2: GOAWAY). Five minutes is longer
@@ -169,9 +169,8 @@ pub const MAX_CONNECTION_TIMEOUT_MS: u64 = 3_600_000;
 pub struct ConnectionConfig {
     /// Inbound: the TLS handshake must finish within this (ms).
     pub tls_handshake_timeout_ms: u64,
-    /// Request headers must arrive within this (ms): HTTP/1 on both
-    /// listeners (also the idle time between HTTP/1 requests), the first
-    /// HTTP/2 request on the inbound listener.
+    /// The inbound listener's HTTP/2 preface and first request must
+    /// arrive within this (ms).
     pub request_header_timeout_ms: u64,
     /// Close a downstream connection with no request in flight for this
     /// long (ms); 0: never.

@@ -5,7 +5,7 @@
 //!
 //! * [`Limits`]: the settings as the request path uses them, and the hyper
 //!   builders they configure: [`Limits::auto_server`] (the outbound
-//!   listener: HTTP/1 `header_read_timeout`, header buffer and count,
+//!   listener: HTTP/1 header buffer and count,
 //!   HTTP/2 pings and `max_header_list_size`), [`Limits::http2_server`]
 //!   (the inbound listener), [`Limits::http2_client`] (the pool of
 //!   sidecar-to-sidecar connections) and [`Limits::app_client`] (the
@@ -49,8 +49,8 @@ pub struct Limits {
     /// Inbound: the TLS handshake must finish within this.
     pub tls_handshake_timeout: Duration,
     /// The inbound listener's first HTTP/2 request must arrive within
-    /// this; HTTP/1 request headers on the outbound listener within this
-    /// or the idle timeout, whichever is longer ([`Limits::auto_server`]).
+    /// this (the outbound listener's HTTP/1 clients are bounded by the idle
+    /// timeout instead, [`Limits::auto_server`]).
     pub request_header_timeout: Duration,
     /// A downstream connection with no request in flight this long is
     /// closed gracefully; `None`: never.
@@ -107,22 +107,20 @@ impl Limits {
     /// knowledge): HTTP/1 header deadline, header buffer and field count
     /// (431 beyond); HTTP/2 keepalive pings and `max_header_list_size`.
     ///
-    /// hyper applies the HTTP/1 header deadline also to the wait for the
-    /// next request on a keep-alive connection, so here it is the idle
-    /// timeout (or the header deadline if that is longer; none when idle
-    /// connections are kept forever): the app's pools keep connections
-    /// idle for 90 s and more, and a shorter server-side close would race
-    /// their reuse. The clients are the local app, so slowloris is not the
-    /// concern it is on the inbound listener.
+    /// No hyper HTTP/1 header timer here: hyper arms it for every request
+    /// head (a timer per request on the hot path) and also runs it while a keep-alive connection waits
+    /// for its next request, where a deadline shorter than the apps' pool
+    /// idle times (90 s and more) would race their reuse. [`drive`]'s idle
+    /// timeout bounds both instead: a connection whose request headers
+    /// never complete has no request in flight, so it is closed as idle.
+    /// The clients are the local app, so slowloris is not the concern it
+    /// is on the inbound listener.
     pub fn auto_server(&self) -> auto::Builder<TokioExecutor> {
         let mut b = auto::Builder::new(TokioExecutor::new());
         {
             let mut h1 = b.http1();
-            h1.timer(TokioTimer::new())
-                .header_read_timeout(
-                    self.idle_timeout
-                        .map(|idle| idle.max(self.request_header_timeout)),
-                )
+            // `None` explicitly: with a timer, hyper would default to 30 s.
+            h1.header_read_timeout(None)
                 .max_buf_size(self.max_request_header_bytes);
             // hyper parses up to 100 headers on the stack; a different
             // count moves the parse to the heap.
@@ -331,7 +329,8 @@ pub struct NoRequest(pub Duration);
 /// request that long after `activity` began is dropped at once (a silent or
 /// trickling client); with `idle`, one without a request in flight for
 /// that long is closed with `graceful`, as it is at `shutdown`, and then
-/// finishes what it has in flight.
+/// finishes what it has in flight (dropped if it has nothing in flight
+/// [`IDLE_CLOSE_GRACE`] later).
 pub async fn drive<C, T>(
     mut conn: Pin<&mut C>,
     graceful: impl FnOnce(Pin<&mut C>),
@@ -367,8 +366,29 @@ where
     };
     tracing::debug!(why, "closing the connection gracefully");
     graceful(conn.as_mut());
+    if why == "idle" {
+        // A connection idle in the middle of a request head (a client
+        // trickling HTTP/1 headers) does not end on a graceful close:
+        // drop it if it still has nothing in flight a moment later.
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => return Ok(r),
+                _ = tokio::time::sleep(IDLE_CLOSE_GRACE) => {
+                    if activity.in_flight() == 0 {
+                        return Err(NoRequest(idle.unwrap_or(IDLE_CLOSE_GRACE)));
+                    }
+                }
+            }
+        }
+    }
     Ok(conn.await)
 }
+
+/// How long an idle connection may take to end after its graceful close
+/// before it is dropped (when it still has no request in flight): ample
+/// for a client to see a GOAWAY or a closed keep-alive connection; only a
+/// client stuck mid-request-head reaches it.
+pub const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
