@@ -331,3 +331,26 @@ pub fn workload_cert(ca: &trellis_identity::Ca, service: &str) -> Result<(String
     )?;
     Ok((issued.cert_pem, key))
 }
+
+/// A client config of a peer sidecar of `from` (namespace `default`), with
+/// a fresh certificate from the TLS cluster `c`'s CA, that expects the
+/// server to be `to` and offers ALPN h2: for tests that speak mutual TLS
+/// to a sidecar's inbound listener directly.
+pub fn peer_client_config(
+    c: &crate::Cluster,
+    from: &str,
+    to: &str,
+) -> Result<rustls::ClientConfig> {
+    let pki = c
+        .pki()
+        .context("the cluster has no PKI (start it with tls: true)")?;
+    let ca_pem = std::fs::read_to_string(&pki.ca_file)?;
+    let (cert, key) = workload_cert(pki.ca(), from)?;
+    Ok(trellis_identity::workload_client_config(
+        &ca_pem,
+        &cert,
+        &key,
+        Some(format!("spiffe://trellis.local/ns/default/svc/{to}")),
+        &[b"h2"],
+    )?)
+}

@@ -32,7 +32,7 @@ use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use trellis_identity::Ca;
 use trellis_tests::http::{h2_client, h2_get, h2_request, http1, instances_of, Answer, H2};
-use trellis_tests::sidecar::{apply, sidecar, workload_cert};
+use trellis_tests::sidecar::{apply, peer_client_config, sidecar, workload_cert};
 use trellis_tests::{Cluster, ClusterOptions};
 
 const STEP: Duration = Duration::from_secs(30);
@@ -474,16 +474,7 @@ async fn certificates_rotate_under_traffic() -> Result<()> {
 
     // A new connection to B1 gets B1's renewed certificate (the first one
     // has expired by now, so an old config would fail the handshake).
-    let pki = c.pki().context("pki")?;
-    let ca_pem = std::fs::read_to_string(&pki.ca_file)?;
-    let (cert, key) = workload_cert(pki.ca(), "productpage")?;
-    let cfg = trellis_identity::workload_client_config(
-        &ca_pem,
-        &cert,
-        &key,
-        Some("spiffe://trellis.local/ns/default/svc/reviews".into()),
-        &[b"h2"],
-    )?;
+    let cfg = peer_client_config(&c, "productpage", "reviews")?;
     ensure!(direct_to_inbound(b1.inbound_addr()?, cfg).await? == "v1");
     Ok(())
 }

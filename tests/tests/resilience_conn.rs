@@ -31,7 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use trellis_tests::http::{h2_get, instances_of, H2};
-use trellis_tests::sidecar::{apply, sidecar, workload_cert};
+use trellis_tests::sidecar::{apply, peer_client_config, sidecar};
 use trellis_tests::{Cluster, ClusterOptions};
 
 const STEP: Duration = Duration::from_secs(30);
@@ -154,16 +154,7 @@ async fn mtls(
     c: &Cluster,
     inbound: SocketAddr,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let pki = c.pki().context("pki")?;
-    let ca_pem = std::fs::read_to_string(&pki.ca_file)?;
-    let (cert, key) = workload_cert(pki.ca(), "productpage")?;
-    let cfg = trellis_identity::workload_client_config(
-        &ca_pem,
-        &cert,
-        &key,
-        Some("spiffe://trellis.local/ns/default/svc/reviews".into()),
-        &[b"h2"],
-    )?;
+    let cfg = peer_client_config(c, "productpage", "reviews")?;
     let tcp = TcpStream::connect(inbound).await?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(

@@ -134,7 +134,8 @@ impl Circuits {
     }
 
     /// Units of `limit` held for `destination` now.
-    pub fn in_use(&self, destination: &str, limit: Limit) -> u32 {
+    #[cfg(test)]
+    fn in_use(&self, destination: &str, limit: Limit) -> u32 {
         self.map
             .read()
             .ok()

@@ -732,16 +732,10 @@ impl Outbound {
             );
             let (outcome, result) = match sent {
                 Err(_) => {
-                    if let Some(o) = outlier {
-                        self.observe_into(
-                            done,
-                            &service_key,
-                            ep,
-                            Observed::GatewayError,
-                            o,
-                            pool.size,
-                        );
-                    }
+                    let ejected = outlier.and_then(|o| {
+                        self.observe(&service_key, ep, Observed::GatewayError, o, pool.size)
+                    });
+                    done.notes.extend(ejected.map(|e| e.to_string()));
                     // The rule's deadline, or only this try's.
                     let overall = per_try >= remaining;
                     let timeout = if overall { target.timeout } else { per_try };
@@ -960,22 +954,6 @@ impl Outbound {
             let _permit = permit;
             (self.try_endpoint(ctx, bep, req).await, bep, Some(bguard))
         })
-    }
-
-    /// Records a try's result for outlier detection; an ejection or return
-    /// it reveals is counted and noted on the request's access-log line.
-    fn observe_into(
-        &self,
-        done: &mut Done,
-        service_key: &str,
-        ep: SocketAddr,
-        observed: Observed,
-        cfg: &OutlierDetection,
-        pool_size: usize,
-    ) {
-        if let Some(e) = self.observe(service_key, ep, observed, cfg, pool_size) {
-            done.notes.push(e.to_string());
-        }
     }
 
     /// Records a try's result for outlier detection; returns the ejection
