@@ -14,6 +14,7 @@
 //! outbound_addr = "127.0.0.1:15001"   # the app's calls to other services
 //! inbound_addr = "0.0.0.0:15006"      # peer sidecars (mutual TLS, HTTP/2)
 //! app_addr = "127.0.0.1:9080"         # the local application
+//! workers = 0                         # runtime threads; 0: one per usable CPU
 //!
 //! [instance]
 //! name = "reviews-7f9c"
@@ -60,6 +61,17 @@ pub const DEFAULT_WATCH_PREFIX: &str = "/";
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// Largest drain deadline: shutdown must not hang for hours.
 pub const MAX_DRAIN_TIMEOUT_MS: u64 = 600_000;
+/// Worker threads: 0 means one per CPU this process may run on
+/// (`std::thread::available_parallelism`, which honours CPU affinity and
+/// cgroup quotas), like Envoy's `--concurrency` and linkerd2-proxy's
+/// `LINKERD2_PROXY_CORES`. With one worker the sidecar runs a
+/// single-threaded runtime: every task of a request stays on one thread,
+/// with no cross-thread wake-ups, which is what a sidecar limited to one
+/// CPU should do.
+pub const DEFAULT_WORKERS: usize = 0;
+/// Most worker threads accepted: a sidecar beside one instance never needs
+/// more, and a typo like 10000 should not start ten thousand threads.
+pub const MAX_WORKERS: usize = 256;
 
 /// Lease TTL of the registered instance: keepalives go every ttl/3, so
 /// 10 s tolerates two lost keepalives plus a control-plane failover (≤ 1 s)
@@ -403,6 +415,9 @@ pub struct SidecarConfig {
     pub progress_interval_ms: u32,
     /// Renew the certificate at this fraction of its lifetime (0.1..=0.9).
     pub renew_at_fraction: f64,
+    /// Worker threads of the runtime (0: one per usable CPU; 1: a
+    /// single-threaded runtime), see [`DEFAULT_WORKERS`].
+    pub workers: usize,
     /// Connection limits of the data path (`[connection]`).
     pub connection: ConnectionConfig,
 }
@@ -433,6 +448,7 @@ impl Default for SidecarConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             progress_interval_ms: DEFAULT_PROGRESS_INTERVAL_MS,
             renew_at_fraction: DEFAULT_RENEW_AT_FRACTION,
+            workers: DEFAULT_WORKERS,
             connection: ConnectionConfig::default(),
         }
     }
@@ -485,6 +501,15 @@ fn is_host_port(s: &str) -> bool {
 pub(crate) use trellis_resources::validate::is_dns_label;
 
 impl SidecarConfig {
+    /// The runtime's worker threads: `workers`, or one per CPU this process
+    /// may run on when it is 0 (at least one).
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
     /// Load a TOML file (unknown fields are errors); not yet validated.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -728,6 +753,15 @@ impl SidecarConfig {
                 format!("must be in 0.1..=0.9, got {}", self.renew_at_fraction),
             ));
         }
+        if self.workers > MAX_WORKERS {
+            return Err(invalid(
+                "workers",
+                format!(
+                    "must be at most {MAX_WORKERS} (0 for one per CPU), got {}",
+                    self.workers
+                ),
+            ));
+        }
         self.connection.validate()
     }
 
@@ -968,6 +1002,7 @@ mod tests {
             ("connect_timeout_ms", |c| c.connect_timeout_ms = 0),
             ("renew_at_fraction", |c| c.renew_at_fraction = 1.5),
             ("renew_at_fraction", |c| c.renew_at_fraction = f64::NAN),
+            ("workers", |c| c.workers = MAX_WORKERS + 1),
             ("join_token", |c| c.join_token = Some("not-a-token".into())),
             ("join_token_file", |c| {
                 c.join_token_file = Some(PathBuf::new())

@@ -178,6 +178,9 @@ struct RunArgs {
     /// Idle Progress interval asked of the server (ms).
     #[arg(long)]
     progress_interval_ms: Option<u32>,
+    /// Runtime worker threads (0: one per usable CPU; 1: single-threaded).
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -240,6 +243,7 @@ fn build_config(args: RunArgs) -> Result<SidecarConfig, String> {
     set!(reconnect_max_ms <- args.reconnect_max_ms);
     set!(connect_timeout_ms <- args.connect_timeout_ms);
     set!(progress_interval_ms <- args.progress_interval_ms);
+    set!(workers <- args.workers);
     let wants_instance = args.instance_name.is_some()
         || args.instance_address.is_some()
         || args.instance_port.is_some()
@@ -359,10 +363,18 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One worker: a single-threaded runtime, so a request's tasks (the
+    // app's connection, the pooled peer connection, the access log) never
+    // wake each other across threads. More: a work-stealing runtime.
+    let workers = config.worker_threads();
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("trellis-sidecar: cannot start the runtime: {e}");

@@ -359,7 +359,7 @@ impl Sidecar {
             listen_shutdown.clone(),
         ));
         tracing::info!(outbound_addr = %outbound_addr, inbound_addr = %inbound_addr, app_addr = %app_addr,
-            "request path listening");
+            workers = config.worker_threads(), "request path listening");
         // Active health checks (proxy/health_check.rs): destinations while
         // the data path serves; the local app while registered.
         tokio::spawn(proxy::health_check::run_destination_checks(

@@ -7,14 +7,16 @@ use hyper::HeaderMap;
 use trellis_resources::route::HeaderOps;
 
 /// Connection-specific headers (RFC 9110 §7.6.1, RFC 9113 §8.2.2).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
+/// Parsed once, not per request: removing by `HeaderName` skips parsing
+/// the name on every lookup.
+static HOP_BY_HOP: [HeaderName; 7] = [
+    hyper::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    hyper::header::TRANSFER_ENCODING,
+    hyper::header::UPGRADE,
+    hyper::header::TE,
+    hyper::header::TRAILER,
 ];
 
 /// Removes hop-by-hop headers and any header the `Connection` header names,
@@ -27,18 +29,20 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         })
     });
-    let named: Vec<String> = h
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    for n in named {
-        h.remove(n.as_str());
+    if h.contains_key(hyper::header::CONNECTION) {
+        let named: Vec<String> = h
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for n in named {
+            h.remove(n.as_str());
+        }
     }
-    for n in HOP_BY_HOP {
+    for n in HOP_BY_HOP.iter() {
         h.remove(n);
     }
     if te_trailers {

@@ -647,7 +647,7 @@ async fn check_endpoint(
     h.insert(USER_AGENT, HeaderValue::from_static(CHECK_USER_AGENT));
     // The peer restores HTTP/1.1 for the app, as for a proxied HTTP/1.1
     // request (health endpoints are plain HTTP).
-    h.insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
+    h.insert(&ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
     let sent = tokio::time::timeout(timeout, upstreams.send(ep, &expected, req))
         .await
         .map_err(|_| CheckError::Timeout(timeout))?;

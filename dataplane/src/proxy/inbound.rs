@@ -32,7 +32,7 @@ use std::time::Instant;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, HOST};
+use hyper::header::{HeaderName, HeaderValue, HOST};
 use hyper::{Method, Request, Response, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
@@ -53,10 +53,12 @@ use super::{tcp, trace};
 use crate::shutdown::Shutdown;
 
 /// The header carrying the verified caller identity to the application.
-pub const SOURCE_HEADER: &str = "x-trellis-source";
+/// (Header names are statics: a `HeaderName` skips parsing the name on
+/// every request.)
+pub static SOURCE_HEADER: HeaderName = HeaderName::from_static("x-trellis-source");
 /// Set by the calling sidecar on requests its application sent as
 /// HTTP/1.x, so this side restores HTTP/1.1; never reaches the app.
-pub const ORIG_PROTO_HEADER: &str = "x-trellis-orig-proto";
+pub static ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("x-trellis-orig-proto");
 
 /// Everything the inbound path shares.
 #[derive(Debug)]
@@ -276,7 +278,9 @@ async fn connection(
     let svc = hyper::service::service_fn(move |req| {
         let inbound = Arc::clone(&inbound);
         let source = Arc::clone(&source);
-        async move { Ok::<_, Infallible>(inbound.handle(req, &source).await) }
+        // Boxed once: hyper and conn::track move the request's future;
+        // moving a pointer is cheaper than its kilobytes.
+        Box::pin(async move { Ok::<_, Infallible>(inbound.handle(req, &source).await) })
     });
     // The first request's deadline runs from here: the handshake is done.
     let activity = conn::Activity::new();
@@ -343,7 +347,7 @@ impl Inbound {
             Some(trellis_resources::Protocol::Http) => true,
             Some(trellis_resources::Protocol::Http2 | trellis_resources::Protocol::Grpc) => false,
             Some(trellis_resources::Protocol::Tcp) | None => {
-                req.headers().contains_key(ORIG_PROTO_HEADER)
+                req.headers().contains_key(&ORIG_PROTO_HEADER)
             }
         };
         let logged = logging.then(|| {
@@ -422,8 +426,8 @@ impl Inbound {
             }
         }
         headers::strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(ORIG_PROTO_HEADER);
-        parts.headers.insert(SOURCE_HEADER, caller.header.clone());
+        parts.headers.remove(&ORIG_PROTO_HEADER);
+        parts.headers.insert(&SOURCE_HEADER, caller.header.clone());
         span.propagate(&mut parts.headers);
         let client = if restore_h1 {
             parts.version = Version::HTTP_11;

@@ -30,6 +30,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use futures::future::Either;
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{HeaderValue, HOST};
@@ -425,7 +426,9 @@ impl Outbound {
         let svc = hyper::service::service_fn(move |req| {
             let out = Arc::clone(&out);
             let conn = Arc::clone(&conn);
-            async move { Ok::<_, Infallible>(out.handle(req, &conn).await) }
+            // Boxed once: hyper and conn::track move the request's
+            // future; moving a pointer is cheaper than its kilobytes.
+            Box::pin(async move { Ok::<_, Infallible>(out.handle(req, &conn).await) })
         });
         if let Err(e) = serve_http(io, svc, &self.limits, shutdown).await {
             tracing::debug!(peer = %peer, error = %e, "outbound connection ended with an error");
@@ -560,7 +563,9 @@ impl Outbound {
                     (None, Some(orig)) => {
                         done.destination = tcp::PASSTHROUGH.to_string();
                         done.upstream = Some(orig);
-                        return self.passthrough.forward(parts, body, orig).await;
+                        // Boxed: rare, and its client's state would
+                        // otherwise enlarge every request's future.
+                        return Box::pin(self.passthrough.forward(parts, body, orig)).await;
                     }
                     (None, None) => Err(ProxyError::NoRoute {
                         host: host.to_string(),
@@ -633,11 +638,11 @@ impl Outbound {
             .map_err(|_| ProxyError::NoHost)?;
         headers::strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(HOST);
-        parts.headers.remove(ORIG_PROTO_HEADER);
+        parts.headers.remove(&ORIG_PROTO_HEADER);
         if parts.version < Version::HTTP_2 {
             parts
                 .headers
-                .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
+                .insert(&ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
         }
         parts.version = Version::HTTP_2;
         span.propagate(&mut parts.headers);
@@ -695,32 +700,43 @@ impl Outbound {
                 Some(b) => full(b.clone()),
                 None => once.take().unwrap_or_else(|| full(Bytes::new())),
             };
-            let upstream_req = Request::from_parts(parts.clone(), body);
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let per_try = policy
                 .and_then(|p| p.per_try_timeout)
                 .map_or(remaining, |t| t.as_std().min(remaining));
-            let primary = async { (self.try_endpoint(&ctx, ep, upstream_req).await, ep, None) };
             let hedge = backup.and_then(|b| {
                 self.latencies
                     .hedge_delay(&service_key, b.after_percentile, b.min_delay.as_std())
                     .map(|after| (b, after))
             });
-            let attempt = async {
-                match hedge {
-                    None => primary.await,
-                    Some((b, after)) => {
-                        let start_backup = || {
-                            self.start_backup(&ctx, b, lb, &done.destination, endpoints, ep, &parts)
-                        };
-                        let good =
-                            |t: &Tried| t.0.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
+            // The request head is needed again only by a retry (which
+            // needs a replayable body) or a backup: otherwise it moves.
+            let head = if replay.is_none() && hedge.is_none() {
+                std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+            } else {
+                parts.clone()
+            };
+            let upstream_req = Request::from_parts(head, body);
+            let primary = async { (self.try_endpoint(&ctx, ep, upstream_req).await, ep, None) };
+            // Not an async block around `primary`: that would hold the
+            // try's future twice (captured, then awaited).
+            let attempt = match hedge {
+                None => Either::Left(primary),
+                Some((b, after)) => {
+                    let start_backup = || {
+                        self.start_backup(&ctx, b, lb, &done.destination, endpoints, ep, &parts)
+                    };
+                    let good = |t: &Tried| t.0.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
+                    let service_key = &service_key;
+                    // Boxed: two tries in one future, for the few requests
+                    // that may hedge.
+                    Either::Right(Box::pin(async move {
                         let raced = backup::race(primary, after, start_backup, good).await;
                         if raced.backup_won {
-                            self.metrics.event(Event::BackupWon, &service_key);
+                            self.metrics.event(Event::BackupWon, service_key);
                         }
                         raced.answer
-                    }
+                    }))
                 }
             };
             let sent = tokio::time::timeout(per_try, attempt).await;

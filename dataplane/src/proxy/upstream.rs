@@ -216,6 +216,15 @@ impl Upstreams {
         if let Some(s) = self.cached(key) {
             return Ok(s);
         }
+        // Boxed: the handshake's state (TLS and HTTP/2) is kilobytes, and
+        // every request's future would otherwise carry room for it, moved
+        // on every hop through the request path.
+        Box::pin(self.establish(key)).await
+    }
+
+    /// The slow path of [`Upstreams::sender`]: one handshake per key at a
+    /// time; whoever waited for it takes the connection it made.
+    async fn establish(&self, key: &Key) -> Result<SendRequest<ProxyBody>, UpstreamError> {
         let gate = {
             let mut m = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(m.entry(key.clone()).or_default())

@@ -199,6 +199,11 @@ pub struct HttpArgs {
     /// Do not pin the load generator and the servers to separate cores.
     #[arg(long)]
     pub no_pin: bool,
+    /// Runtime worker threads of both sidecars (`trellis-sidecar
+    /// --workers`); default: the sidecar's own (one per usable CPU, so one
+    /// when pinned).
+    #[arg(long)]
+    pub sidecar_workers: Option<usize>,
     /// Write every run, the medians and the process figures as JSON here.
     #[arg(long)]
     #[serde(skip)]
@@ -541,24 +546,28 @@ fn bench_instances(d: &serde_json::Value) -> usize {
 /// The Service `bench`, a server sidecar in front of the backend and a
 /// client sidecar (`loadgen`); returns them (client first) once the client
 /// holds the bench instance, and the client's outbound address.
-async fn start_trellis(c: &Cluster, backend: SocketAddr) -> Result<(Vec<SidecarProc>, SocketAddr)> {
+async fn start_trellis(
+    c: &Cluster,
+    backend: SocketAddr,
+    workers: Option<usize>,
+) -> Result<(Vec<SidecarProc>, SocketAddr)> {
     let rev = apply(c, BENCH_RESOURCES)
         .await
         .context("applying the bench Service")?;
-    let server = sidecar(
-        c,
-        "bench-server",
-        BENCH_HOST,
-        &[
-            "--app-addr".into(),
-            backend.to_string(),
-            "--instance-address".into(),
-            "127.0.0.1".into(),
-        ],
-    )
-    .await
-    .context("starting the server sidecar")?;
-    let client = sidecar(c, "bench-client", "loadgen", &[])
+    let workers: Vec<String> = workers
+        .map(|n| vec!["--workers".into(), n.to_string()])
+        .unwrap_or_default();
+    let mut server_args = vec![
+        "--app-addr".into(),
+        backend.to_string(),
+        "--instance-address".into(),
+        "127.0.0.1".into(),
+    ];
+    server_args.extend(workers.iter().cloned());
+    let server = sidecar(c, "bench-server", BENCH_HOST, &server_args)
+        .await
+        .context("starting the server sidecar")?;
+    let client = sidecar(c, "bench-client", "loadgen", &workers)
         .await
         .context("starting the client sidecar")?;
     client
@@ -1314,7 +1323,7 @@ async fn setup(a: &HttpArgs, targets: &[TargetKind], notes: &mut Vec<String>) ->
     });
     if let Some(c) = &world.cluster {
         eprintln!("starting the sidecar pair ...");
-        let (sidecars, out) = start_trellis(c, backend_addr).await?;
+        let (sidecars, out) = start_trellis(c, backend_addr, a.sidecar_workers).await?;
         for (s, role) in sidecars.iter().zip(["client sidecar", "server sidecar"]) {
             world.watched.push(Watched {
                 target: TargetKind::Trellis,
