@@ -277,7 +277,16 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
     let arrived = Arc::new(Semaphore::new(0));
     let web1_app = web_backend("web-1", Arc::clone(&arrived)).await?;
     let web2_app = web_backend("web-2", Arc::clone(&arrived)).await?;
-    let echo = sidecar(&c, "echo", "echo", &server_args(grpc_app, &[])).await?;
+    // The gRPC server's sidecar and the caller's run single-threaded (as
+    // a sidecar limited to one CPU does by default); the others use two
+    // workers.
+    let echo = sidecar(
+        &c,
+        "echo",
+        "echo",
+        &server_args(grpc_app, &["--workers", "1"]),
+    )
+    .await?;
     let db = sidecar(&c, "db", "db", &server_args(db_app, &[])).await?;
     let web1_log = c.dir().join("web-1-access.log");
     let web1 = sidecar(
@@ -309,6 +318,8 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
             format!("{bad_tcp_listen}=web:8080"),
             "--access-log".into(),
             a_log.display().to_string(),
+            "--workers".into(),
+            "1".into(),
         ],
     )
     .await?;
@@ -323,6 +334,15 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
     for s in [&echo, &db, &web1, &web2] {
         s.wait_dump(STEP, "identity", |d| d["identity"].is_string())
             .await?;
+    }
+    // web-1 has no --workers: one per CPU this test may use.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (name, workers) in [("productpage", 1), ("echo", 1), ("web-1", cpus)] {
+        let log = std::fs::read_to_string(c.dir().join(format!("{name}.log")))?;
+        assert!(
+            log.contains(&format!("workers={workers}")),
+            "{name} should run {workers} worker(s): {log}"
+        );
     }
     let out = a.outbound_addr()?;
 

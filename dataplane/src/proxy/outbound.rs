@@ -723,9 +723,8 @@ impl Outbound {
             let attempt = match hedge {
                 None => Either::Left(primary),
                 Some((b, after)) => {
-                    let start_backup = || {
-                        self.start_backup(&ctx, b, lb, &done.destination, endpoints, ep, &parts)
-                    };
+                    let start_backup =
+                        || self.start_backup(&ctx, b, lb, &done.destination, endpoints, ep, &parts);
                     let good = |t: &Tried| t.0.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
                     let service_key = &service_key;
                     // Boxed: two tries in one future, for the few requests
