@@ -4,8 +4,10 @@
 //! thresholds. Two checkers share the threshold logic ([`Thresholds`]):
 //!
 //! * **Destinations** ([`run_destination_checks`]): the request path calls
-//!   [`HealthChecks::note_destination`] for every routed request (a read-
-//!   locked set lookup; the write lock only the first time). A background
+//!   [`HealthChecks::note_destination`] for every routed request whose
+//!   destination's policy has a `healthCheck` (HTTP) and every TCP
+//!   connection (a read-locked set lookup; the write lock only the first
+//!   time). A background
 //!   task checks, every `interval`, each endpoint (`instance.address:port`,
 //!   the peer sidecar's inbound listener) of the noted destinations whose
 //!   policy has a `healthCheck`: HTTP through the peer sidecar over mutual

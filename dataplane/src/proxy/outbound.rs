@@ -43,7 +43,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
-use trellis_identity::Identity;
 use trellis_resources::policy::{
     BackupRequest, ConnectionPool, LoadBalancer, OutlierDetection, RetryBudget,
 };
@@ -435,20 +434,16 @@ impl Outbound {
         }
     }
 
-    /// The SPIFFE ID the destination's sidecars must present.
-    pub(crate) fn expected_identity(&self, target: &Target<'_>) -> Result<String, ProxyError> {
-        let trust_domain = self
-            .tls
-            .current()
-            .map_err(|_| ProxyError::NoIdentity)?
-            .info
-            .trust_domain
-            .clone();
-        Ok(Identity::Workload {
-            namespace: target.namespace.to_string(),
-            service: target.service.to_string(),
-        }
-        .to_spiffe(&trust_domain))
+    /// The SPIFFE ID the destination's sidecars must present;
+    /// `service_key` is `namespace/service`.
+    pub(crate) fn expected_identity(
+        &self,
+        target: &Target<'_>,
+        service_key: &str,
+    ) -> Result<Arc<str>, ProxyError> {
+        self.tls
+            .peer_id(service_key, target.namespace, target.service)
+            .map_err(|_| ProxyError::NoIdentity)
     }
 
     /// One request, start to end; errors become responses here via
@@ -598,11 +593,15 @@ impl Outbound {
                 });
             }
         }
-        self.health
-            .note_destination(target.namespace, target.service);
         let policy_spec = cfg
             .destination_policy(target.namespace, target.service)
             .map(|(_, p)| p);
+        // Only destinations with a check need noting (the first request
+        // after a healthCheck appears notes it).
+        if policy_spec.is_some_and(|p| p.health_check.is_some()) {
+            self.health
+                .note_destination(target.namespace, target.service);
+        }
         let limits = policy_spec.and_then(|p| p.connection_pool.as_ref());
         let outlier = policy_spec.and_then(|p| p.outlier_detection.as_ref());
         // Step 3c: the circuit breaker's request limit, held until the
@@ -619,7 +618,7 @@ impl Outbound {
             .balancer
             .pick(lb, &done.destination, endpoints, &parts.headers)
             .ok_or_else(no_endpoint)?;
-        let expected = self.expected_identity(&target)?;
+        let expected = self.expected_identity(&target, &service_key)?;
 
         // HTTP/1.1 or HTTP/2 in, HTTP/2 out: absolute URI carries the
         // authority (restored as Host at the far side), and an HTTP/1.x
@@ -877,13 +876,11 @@ impl Outbound {
         ep: SocketAddr,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, TryError> {
-        let start = Instant::now();
+        let start = ctx.learn_latency.then(Instant::now);
         let r = self.send_pooled(ctx, ep, req).await;
-        if ctx.learn_latency {
-            if let Ok(resp) = &r {
-                if resp.status().as_u16() < 500 {
-                    self.latencies.of(ctx.service_key).record(start.elapsed());
-                }
+        if let (Some(start), Ok(resp)) = (start, &r) {
+            if resp.status().as_u16() < 500 {
+                self.latencies.of(ctx.service_key).record(start.elapsed());
             }
         }
         let observed = match &r {

@@ -283,7 +283,7 @@ async fn connect(
         .note_destination(target.namespace, target.service);
     let pool = balance::endpoints(cfg, &target, &out.view()).map_err(fail)?;
     let eps = pool.endpoints;
-    let expected = out.expected_identity(&target).map_err(fail)?;
+    let expected = out.expected_identity(&target, &service_key).map_err(fail)?;
     let lb = policy.and_then(|p| p.load_balancer.as_ref());
     let outlier = policy.and_then(|p| p.outlier_detection.as_ref());
     let authority = format!("{}.{}:{port}", target.service, target.namespace);

@@ -43,6 +43,9 @@ pub struct TlsSource {
     identity: watch::Receiver<Option<Arc<CurrentIdentity>>>,
     server: Cached<Arc<ServerConfig>>,
     clients: Cached<HashMap<String, Arc<ClientConfig>>>,
+    /// Expected peer SPIFFE IDs by `namespace/service`, in the current
+    /// identity's trust domain (asked for on every request).
+    peer_ids: Cached<HashMap<String, Arc<str>>>,
 }
 
 impl TlsSource {
@@ -53,12 +56,41 @@ impl TlsSource {
             identity,
             server: Mutex::new(None),
             clients: Mutex::new(None),
+            peer_ids: Mutex::new(None),
         }
     }
 
     /// The current identity.
     pub fn current(&self) -> Result<Arc<CurrentIdentity>, TlsError> {
         self.identity.borrow().clone().ok_or(TlsError::NoIdentity)
+    }
+
+    /// The SPIFFE ID the sidecars of `namespace/service` must present, in
+    /// the current identity's trust domain; `key` is `namespace/service`
+    /// (the cache key, which callers already hold).
+    pub fn peer_id(&self, key: &str, namespace: &str, service: &str) -> Result<Arc<str>, TlsError> {
+        let id = self.current()?;
+        let mut cache = self.peer_ids.lock().unwrap_or_else(|e| e.into_inner());
+        match cache.as_mut() {
+            Some((cached_id, map)) if Arc::ptr_eq(cached_id, &id) => {
+                if let Some(v) = map.get(key) {
+                    return Ok(Arc::clone(v));
+                }
+            }
+            _ => *cache = Some((Arc::clone(&id), HashMap::new())),
+        }
+        let spiffe: Arc<str> = trellis_identity::Identity::Workload {
+            namespace: namespace.to_string(),
+            service: service.to_string(),
+        }
+        .to_spiffe(&id.info.trust_domain)
+        .into();
+        if let Some((_, map)) = cache.as_mut() {
+            // Bounded by the services in the config; a new identity starts
+            // a new map.
+            map.insert(key.to_string(), Arc::clone(&spiffe));
+        }
+        Ok(spiffe)
     }
 
     /// The inbound server config for the current certificate.

@@ -1346,13 +1346,13 @@ async fn setup(a: &HttpArgs, targets: &[TargetKind], notes: &mut Vec<String>) ->
         world.nginx.push(front);
         world.nginx_addr = Some(front_addr);
         world.nginx_h2c_addr = front_h2c;
-        for (p, role) in world.nginx.iter().zip(["nginx back", "nginx front"]) {
-            let workers = children_of(p.pid)?;
-            ensure!(
-                workers.len() == 1,
-                "{role}: expected one worker under master {}, found {workers:?}",
-                p.pid
-            );
+        for (p, role) in world.nginx.iter_mut().zip(["nginx back", "nginx front"]) {
+            // The master listens before it forks its worker: wait for it.
+            let master = p.pid;
+            let workers = p
+                .wait_ready(|| children_of(master).ok().filter(|w| w.len() == 1))
+                .await
+                .with_context(|| format!("{role}: waiting for one worker under master {master}"))?;
             world.watched.push(Watched {
                 target: TargetKind::Nginx,
                 role: format!("{role} worker"),
