@@ -36,6 +36,31 @@ pub enum TlsError {
 
 type Cached<T> = Mutex<Option<(Arc<CurrentIdentity>, T)>>;
 
+/// The value of `key` in `cache` for identity `id`, made by `make` the
+/// first time; a different identity (a renewed certificate) starts a new
+/// map, so each map is bounded by the keys one identity used.
+fn per_identity<V: Clone>(
+    cache: &Cached<HashMap<String, V>>,
+    id: Arc<CurrentIdentity>,
+    key: &str,
+    make: impl FnOnce(&CurrentIdentity) -> Result<V, TlsError>,
+) -> Result<V, TlsError> {
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    match cache.as_mut() {
+        Some((cached_id, map)) if Arc::ptr_eq(cached_id, &id) => {
+            if let Some(v) = map.get(key) {
+                return Ok(v.clone());
+            }
+        }
+        _ => *cache = Some((Arc::clone(&id), HashMap::new())),
+    }
+    let v = make(&id)?;
+    if let Some((_, map)) = cache.as_mut() {
+        map.insert(key.to_string(), v.clone());
+    }
+    Ok(v)
+}
+
 /// Builds (and caches) TLS configs from the identity watch channel.
 #[derive(Debug)]
 pub struct TlsSource {
@@ -69,28 +94,14 @@ impl TlsSource {
     /// the current identity's trust domain; `key` is `namespace/service`
     /// (the cache key, which callers already hold).
     pub fn peer_id(&self, key: &str, namespace: &str, service: &str) -> Result<Arc<str>, TlsError> {
-        let id = self.current()?;
-        let mut cache = self.peer_ids.lock().unwrap_or_else(|e| e.into_inner());
-        match cache.as_mut() {
-            Some((cached_id, map)) if Arc::ptr_eq(cached_id, &id) => {
-                if let Some(v) = map.get(key) {
-                    return Ok(Arc::clone(v));
-                }
+        per_identity(&self.peer_ids, self.current()?, key, |id| {
+            Ok(trellis_identity::Identity::Workload {
+                namespace: namespace.to_string(),
+                service: service.to_string(),
             }
-            _ => *cache = Some((Arc::clone(&id), HashMap::new())),
-        }
-        let spiffe: Arc<str> = trellis_identity::Identity::Workload {
-            namespace: namespace.to_string(),
-            service: service.to_string(),
-        }
-        .to_spiffe(&id.info.trust_domain)
-        .into();
-        if let Some((_, map)) = cache.as_mut() {
-            // Bounded by the services in the config; a new identity starts
-            // a new map.
-            map.insert(key.to_string(), Arc::clone(&spiffe));
-        }
-        Ok(spiffe)
+            .to_spiffe(&id.info.trust_domain)
+            .into())
+        })
     }
 
     /// The inbound server config for the current certificate.
@@ -116,26 +127,60 @@ impl TlsSource {
     /// The outbound client config for the current certificate that accepts
     /// only a server whose SPIFFE ID is `expected`.
     pub fn client_config(&self, expected: &str) -> Result<Arc<ClientConfig>, TlsError> {
-        let id = self.current()?;
-        let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        match cache.as_mut() {
-            Some((cached_id, map)) if Arc::ptr_eq(cached_id, &id) => {
-                if let Some(cfg) = map.get(expected) {
-                    return Ok(Arc::clone(cfg));
-                }
-            }
-            _ => *cache = Some((Arc::clone(&id), HashMap::new())),
-        }
-        let cfg = Arc::new(trellis_identity::workload_client_config(
-            &self.ca_pem,
-            &id.cert_pem,
-            &id.key_pem,
-            Some(expected.to_string()),
-            &[ALPN_H2],
-        )?);
-        if let Some((_, map)) = cache.as_mut() {
-            map.insert(expected.to_string(), Arc::clone(&cfg));
-        }
-        Ok(cfg)
+        per_identity(&self.clients, self.current()?, expected, |id| {
+            Ok(Arc::new(trellis_identity::workload_client_config(
+                &self.ca_pem,
+                &id.cert_pem,
+                &id.key_pem,
+                Some(expected.to_string()),
+                &[ALPN_H2],
+            )?))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_identity::{CertInfo, Identity};
+
+    fn identity(trust_domain: &str) -> Arc<CurrentIdentity> {
+        Arc::new(CurrentIdentity {
+            cert_pem: String::new(),
+            key_pem: String::new(),
+            info: CertInfo {
+                serial: "01".into(),
+                identity: Identity::Workload {
+                    namespace: "default".into(),
+                    service: "web".into(),
+                },
+                trust_domain: trust_domain.into(),
+                spiffe_id: format!("spiffe://{trust_domain}/ns/default/svc/web"),
+                not_before_unix_ms: 0,
+                not_after_unix_ms: u64::MAX,
+            },
+        })
+    }
+
+    #[test]
+    fn peer_ids_are_cached_per_identity() {
+        let (tx, rx) = watch::channel(None);
+        let tls = TlsSource::new(String::new(), rx);
+        assert!(matches!(
+            tls.peer_id("shop/cart", "shop", "cart"),
+            Err(TlsError::NoIdentity)
+        ));
+        tx.send_replace(Some(identity("a.example")));
+        let first = tls.peer_id("shop/cart", "shop", "cart").unwrap();
+        assert_eq!(&*first, "spiffe://a.example/ns/shop/svc/cart");
+        let again = tls.peer_id("shop/cart", "shop", "cart").unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the second call is a cache hit"
+        );
+        // A new certificate (here with another trust domain) starts afresh.
+        tx.send_replace(Some(identity("b.example")));
+        let renewed = tls.peer_id("shop/cart", "shop", "cart").unwrap();
+        assert_eq!(&*renewed, "spiffe://b.example/ns/shop/svc/cart");
     }
 }
