@@ -278,8 +278,8 @@ async fn grpc_tcp_http2_traces_balancers_and_drain_through_sidecar_pairs() -> Re
     let web1_app = web_backend("web-1", Arc::clone(&arrived)).await?;
     let web2_app = web_backend("web-2", Arc::clone(&arrived)).await?;
     // The gRPC server's sidecar and the caller's run single-threaded (as
-    // a sidecar limited to one CPU does by default); the others use two
-    // workers.
+    // a sidecar limited to one CPU does by default); the others use their
+    // default, one worker per CPU.
     let echo = sidecar(
         &c,
         "echo",

@@ -116,8 +116,6 @@ pub fn endpoints(
     let excluded = view.excluder();
     let mut size = 0;
     let mut candidates: Vec<Candidate<'_>> = Vec::new();
-    // Reported unhealthy (not draining): the last resort of panic routing.
-    let mut reported_unhealthy: Vec<(Endpoint, Option<&str>)> = Vec::new();
     for (_, i) in cfg.instances(target.namespace, target.service) {
         let registered = i.health.is_healthy();
         size += usize::from(registered);
@@ -128,14 +126,12 @@ pub fn endpoints(
             addr: SocketAddr::new(i.address, i.port),
             weight: i.weight.max(1),
         };
-        if i.health == Health::Unhealthy {
-            reported_unhealthy.push((endpoint, i.labels.get(ZONE_LABEL).map(String::as_str)));
-        }
         candidates.push(Candidate {
             endpoint,
             zone: i.labels.get(ZONE_LABEL).map(String::as_str),
             registered,
             usable: registered && !excluded.as_ref().is_some_and(|x| x(endpoint.addr)),
+            reported_unhealthy: i.health == Health::Unhealthy,
         });
     }
     let locality = policy.and_then(|p| p.locality.as_ref());
@@ -150,10 +146,10 @@ pub fn endpoints(
             // Every instance reports itself unhealthy: a health check that
             // fails everywhere (a wrong path, a shared dependency down) must
             // not turn into a service-wide 503 on its own.
-            eps = reported_unhealthy
+            eps = candidates
                 .iter()
-                .filter(|(_, zone)| !locality::evacuated(*zone, locality))
-                .map(|(e, _)| *e)
+                .filter(|c| c.reported_unhealthy && !locality::evacuated(c.zone, locality))
+                .map(|c| c.endpoint)
                 .collect();
         }
         if !eps.is_empty() {

@@ -104,8 +104,8 @@ fn settings_u32(v: usize) -> u32 {
 
 impl Limits {
     /// The outbound listener's server (HTTP/1.1 and HTTP/2 prior
-    /// knowledge): HTTP/1 header deadline, header buffer and field count
-    /// (431 beyond); HTTP/2 keepalive pings and `max_header_list_size`.
+    /// knowledge): HTTP/1 header buffer and field count (431 beyond);
+    /// HTTP/2 keepalive pings and `max_header_list_size`.
     ///
     /// No hyper HTTP/1 header timer here: hyper arms it for every request
     /// head (a timer per request on the hot path) and also runs it while a keep-alive connection waits

@@ -29,18 +29,17 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         })
     });
-    if h.contains_key(hyper::header::CONNECTION) {
-        let named: Vec<String> = h
-            .get_all(hyper::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_ascii_lowercase())
-            .filter(|s| !s.is_empty())
-            .collect();
-        for n in named {
-            h.remove(n.as_str());
-        }
+    // Empty (no allocation) without a `Connection` header.
+    let named: Vec<String> = h
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for n in named {
+        h.remove(n.as_str());
     }
     for n in HOP_BY_HOP.iter() {
         h.remove(n);

@@ -50,7 +50,6 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
-use trellis_identity::Identity;
 use trellis_resources::policy::HealthCheck;
 
 use super::body::full;
@@ -622,17 +621,13 @@ async fn check_endpoint(
     let Some(http) = &t.check.http else {
         return tcp_check(ep, timeout).await;
     };
-    let trust_domain = tls
-        .current()
-        .map_err(|_| CheckError::NoIdentity)?
-        .info
-        .trust_domain
-        .clone();
-    let expected = Identity::Workload {
-        namespace: t.namespace.clone(),
-        service: t.service.clone(),
-    }
-    .to_spiffe(&trust_domain);
+    let expected = tls
+        .peer_id(
+            &format!("{}/{}", t.namespace, t.service),
+            &t.namespace,
+            &t.service,
+        )
+        .map_err(|_| CheckError::NoIdentity)?;
     let uri = Uri::builder()
         .scheme("http")
         .authority(t.service.as_str())

@@ -44,6 +44,9 @@ pub struct Candidate<'a> {
     pub registered: bool,
     /// Registered healthy, passing active checks, not ejected.
     pub usable: bool,
+    /// Reports itself unhealthy (not draining): the last resort of panic
+    /// routing ([`super::balance::endpoints`]).
+    pub reported_unhealthy: bool,
 }
 
 /// Whether `zone` is evacuated by the policy's `shift`.
@@ -125,6 +128,7 @@ mod tests {
             zone,
             registered: true,
             usable,
+            reported_unhealthy: false,
         }
     }
 
