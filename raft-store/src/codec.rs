@@ -4,7 +4,7 @@
 //! internal to one Trellis version; the admin API uses protobuf instead.
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A record could not be encoded or decoded; `what` names the record.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +25,12 @@ pub fn encode<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<Ve
     })
 }
 
-/// Decode a `T` from `bytes`, naming it `what` in errors.
-pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, CodecError> {
+/// Decode a `T` from `bytes` (it may borrow from them), naming it `what`
+/// in errors.
+pub fn decode<'a, T: Deserialize<'a>>(
+    what: &'static str,
+    bytes: &'a [u8],
+) -> Result<T, CodecError> {
     postcard::from_bytes(bytes).map_err(|source| CodecError {
         op: "decode",
         what,
