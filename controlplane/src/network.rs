@@ -22,6 +22,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use trellis_proto::raft::raft_peer_client::RaftPeerClient;
 use trellis_proto::raft::RaftPayload;
 use trellis_raft_store::codec::{decode, encode};
+use trellis_raft_store::durable::DurableLog;
 use trellis_raft_store::{NodeAddr, NodeId, TypeConfig};
 
 /// Largest peer message accepted. A Raft append carries up to
@@ -64,6 +65,8 @@ pub struct PeerNetwork {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     overrides: Arc<BTreeMap<NodeId, String>>,
     tls: ClientTls,
+    /// This node's durable log: followers are told no commit above it.
+    durable: Option<DurableLog>,
 }
 
 impl PeerNetwork {
@@ -74,7 +77,15 @@ impl PeerNetwork {
             channels: Arc::default(),
             overrides: Arc::new(overrides),
             tls,
+            durable: None,
         }
+    }
+
+    /// Tell followers no commit index above what `durable` says is on disk
+    /// here (one of the two rules in `trellis_raft_store::durable`).
+    pub fn commits_up_to(mut self, durable: DurableLog) -> Self {
+        self.durable = Some(durable);
+        self
     }
 
     /// How peers are dialed.
@@ -111,6 +122,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
         });
         PeerClient {
             target,
+            durable: self.durable.clone(),
             addr,
             client: client.map_err(|e| e.to_string()),
         }
@@ -120,6 +132,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
 /// Talks to one peer.
 pub struct PeerClient {
     target: NodeId,
+    durable: Option<DurableLog>,
     addr: String,
     /// `Err` when the address could not even be parsed into an endpoint.
     client: Result<RaftPeerClient<Channel>, String>,
@@ -190,9 +203,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     #[tracing::instrument(level = "trace", skip_all, fields(target = self.target))]
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> PeerResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        if let Some(durable) = &self.durable {
+            rpc.leader_commit = durable.clamp_commit(rpc.leader_commit);
+        }
         self.call(
             &rpc,
             option.hard_ttl(),

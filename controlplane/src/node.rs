@@ -413,6 +413,31 @@ fn load_tls(id: NodeId, tls: &crate::config::TlsConfig) -> Result<NodeTls, Start
 
 /// Accepted connections with `TCP_NODELAY` (small gRPC messages must not
 /// wait for delayed ACKs: that costs ~40 ms a round trip) and keepalive.
+/// When a commit index sent to followers was held back to this node's
+/// durable log (see `trellis_raft_store::durable`), send a heartbeat as
+/// soon as the log catches up, so followers apply without waiting for the
+/// next heartbeat interval.
+fn spawn_commit_nudge(
+    raft: Raft,
+    durable: trellis_raft_store::durable::DurableLog,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<Result<(), tonic::transport::Error>> {
+    tokio::spawn(async move {
+        let mut releases = durable.clamp_releases();
+        loop {
+            tokio::select! {
+                _ = async { shutdown.wait_for(|stop| *stop).await.map(drop) } => break,
+                released = releases.next() => {
+                    if released.is_none() || raft.trigger().heartbeat().await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -477,7 +502,9 @@ impl RunningNode {
                 .unwrap_or(addrs.admin.to_string()),
         };
 
-        let (log_store, sm) = trellis_raft_store::open_with(&config.data_dir, config.durability)?;
+        let (log_store, sm) =
+            trellis_raft_store::open_with(&config.data_dir, config.durability, config.id)?;
+        let durable = log_store.durable();
         let store = sm.store();
         let raft_config = Arc::new(config.openraft_config()?);
         let client_tls = tls.as_ref().map(|t| t.client.clone());
@@ -488,7 +515,8 @@ impl RunningNode {
                 .into_iter()
                 .collect::<BTreeMap<_, _>>(),
             client_tls.clone(),
-        );
+        )
+        .commits_up_to(durable.clone());
         let raft = Raft::new(
             config.id,
             raft_config,
@@ -578,6 +606,11 @@ impl RunningNode {
                 "--insecure-dev: plaintext and unauthenticated admin API and Raft RPC; no QUIC endpoint for sidecars (QUIC needs TLS)"
             ),
         }
+        servers.push(spawn_commit_nudge(
+            node.raft.clone(),
+            durable,
+            shutdown_rx.clone(),
+        ));
         let expiry = crate::leases::spawn(node.clone(), shutdown_rx.clone());
         servers.push(tokio::spawn(async move {
             let _ = expiry.await;

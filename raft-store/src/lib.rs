@@ -6,12 +6,14 @@
 //! |---|---|---|
 //! | `raft_log` | Raft entries, key = index (big-endian u64) | [`LogStore::append`](openraft::storage::RaftLogStorage::append) |
 //! | `raft_meta` | vote, committed log id, last purged log id | [`LogStore`] |
-//! | `state` | `d`+key: current value of every key with its revisions; `h`+revision: the change feed, one record of events per revision; `m`: last applied log id, revision, compact revision; `n`: membership | [`SledStore::apply_entries`], one atomic batch per apply |
+//! | `state` | `d`+key: current value of every key with its revisions; `h`+revision: the change feed, one record of events per revision; `m`: last applied log id, revision, compact revision; `n`: membership | [`SledStore::apply_entries`], atomically per apply (a redo record or a sled batch) |
 //!
 //! Snapshots live beside the database as files (see [`snapshot`]).
 //!
 //! Data enters through openraft: entries are appended by [`LogStore`]
-//! (durable before openraft is told) and applied by [`StateMachine`], which
+//! (durable before openraft is told, except a leader's own appends, which
+//! replicate while they sync: see [`durable`]) and applied by
+//! [`StateMachine`] once durable here, which
 //! hands them to a [`RevisionedStore`] — the trait that keeps the engine
 //! swappable. Data leaves through the same trait: point reads, prefix
 //! listings, and [`RevisionedStore::events_since`], which watch streams read
@@ -20,6 +22,7 @@
 //! their own pace and are told when they fall behind compaction.
 
 pub mod codec;
+pub mod durable;
 pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;
@@ -69,15 +72,19 @@ pub enum Durability {
 }
 
 /// Open (or create) the node's database and return the log store and state
-/// machine that share it.
-pub fn open(data_dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreError> {
-    open_with(data_dir, Durability::default())
+/// machine that share it. `node_id` is this node's (see [`durable`]).
+pub fn open(
+    data_dir: &std::path::Path,
+    node_id: NodeId,
+) -> Result<(LogStore, StateMachine), StoreError> {
+    open_with(data_dir, Durability::default(), node_id)
 }
 
 /// [`open`] with a chosen [`Durability`].
 pub fn open_with(
     data_dir: &std::path::Path,
     durability: Durability,
+    node_id: NodeId,
 ) -> Result<(LogStore, StateMachine), StoreError> {
     std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Io {
         what: format!("create data dir {}", data_dir.display()),
@@ -96,8 +103,8 @@ pub fn open_with(
         Durability::Fsync => Some(log_store::SyncTarget::open(&data_dir.join("db"))?),
         Durability::KillSafe => None,
     };
-    let log = LogStore::new(db.clone(), sync)?;
+    let log = LogStore::new(db.clone(), sync, node_id)?;
     let kv = std::sync::Arc::new(SledStore::new(db)?);
-    let sm = StateMachine::new(kv, data_dir.join("snapshots"))?;
+    let sm = StateMachine::new(kv, data_dir.join("snapshots"))?.apply_only_durable(log.durable());
     Ok((log, sm))
 }

@@ -7,7 +7,12 @@
 //! Durability, by group commit: `append` writes the entries into sled's
 //! memory and hands openraft's [`LogFlushed`] callback to one flusher
 //! thread, which takes every callback queued so far, calls `Db::flush`
-//! (write + fsync) once, and only then reports them complete. Under load
+//! (write + fsync) once, and only then reports them complete. The
+//! exception is a leader's own appends in its own term: those are
+//! reported done once readable and synced in the same background group
+//! commit, so replication to followers overlaps the leader's sync; the
+//! rules that keep this safe are in [`crate::durable`], which tracks how
+//! far the log is on disk. Under load
 //! one fsync acknowledges many appends; alone, an append waits for one
 //! fsync. `save_vote` waits for the flusher before it returns. All trees
 //! share sled's one log, so one flush covers the state machine's writes
@@ -33,6 +38,7 @@ use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogReader, StorageError, StorageIOError, Vote};
 
 use crate::codec::{decode, encode};
+use crate::durable::DurableLog;
 use crate::store::StoreError;
 use crate::{Entry, LogId, NodeId, TypeConfig};
 
@@ -43,6 +49,13 @@ const META_LAST_PURGED: &[u8] = b"last_purged";
 /// The Raft log and vote of one node. Cheap to clone (sled handles).
 #[derive(Clone)]
 pub struct LogStore {
+    /// This node: appends of entries it leads in its current term are
+    /// reported done before their flush (see [`crate::durable`]).
+    node_id: NodeId,
+    /// The last vote saved: tells whether an append is this node's own,
+    /// as leader.
+    vote: Arc<std::sync::Mutex<Option<Vote<NodeId>>>>,
+    durable: DurableLog,
     log: sled::Tree,
     meta: sled::Tree,
     flusher: Flusher,
@@ -125,7 +138,12 @@ const SLOW_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Work for the flusher thread: something to report once durable.
 enum FlushWaiter {
-    Append(LogFlushed<TypeConfig>),
+    /// A follower's append (or a candidate's): openraft hears of it after
+    /// the flush.
+    Append(LogFlushed<TypeConfig>, LogId),
+    /// A leader's own append, already reported done: the flush only
+    /// advances the durable position.
+    Leader(LogId),
     Sync(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
@@ -221,7 +239,11 @@ struct Flusher {
 }
 
 impl Flusher {
-    fn start(db: sled::Db, sync_file: Option<SyncTarget>) -> Result<Self, StoreError> {
+    fn start(
+        db: sled::Db,
+        sync_file: Option<SyncTarget>,
+        durable: DurableLog,
+    ) -> Result<Self, StoreError> {
         let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
         let mut sync_file = sync_file;
         std::thread::Builder::new()
@@ -245,14 +267,32 @@ impl Flusher {
                         // long ones can cost leadership (see README).
                         tracing::warn!(waiters = waiters.len(), micros, "slow raft log flush");
                     }
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, "raft log flush failed");
+                    match &result {
+                        Err(e) => {
+                            tracing::error!(error = %e, "raft log flush failed");
+                            durable.fail();
+                        }
+                        Ok(()) => {
+                            let newest = waiters
+                                .iter()
+                                .filter_map(|w| match w {
+                                    FlushWaiter::Append(_, id) | FlushWaiter::Leader(id) => {
+                                        Some(*id)
+                                    }
+                                    FlushWaiter::Sync(_) => None,
+                                })
+                                .max_by_key(|id| id.index);
+                            if let Some(id) = newest {
+                                durable.advance(id);
+                            }
+                        }
                     }
                     for w in waiters {
                         match w {
-                            FlushWaiter::Append(cb) => {
+                            FlushWaiter::Append(cb, _) => {
                                 cb.log_io_completed(result.clone().map_err(std::io::Error::other))
                             }
+                            FlushWaiter::Leader(_) => {}
                             FlushWaiter::Sync(tx) => {
                                 let _ = tx.send(result.clone());
                             }
@@ -271,10 +311,19 @@ impl Flusher {
         std::io::Error::other("the raft log flusher thread is gone")
     }
 
-    /// Report `cb` complete once everything written so far is durable.
-    fn after_flush(&self, cb: LogFlushed<TypeConfig>) -> Result<(), std::io::Error> {
+    /// Report `cb` complete once everything written so far, up to `last`,
+    /// is durable.
+    fn after_flush(&self, cb: LogFlushed<TypeConfig>, last: LogId) -> Result<(), std::io::Error> {
         self.tx
-            .send(FlushWaiter::Append(cb))
+            .send(FlushWaiter::Append(cb, last))
+            .map_err(|_| Self::flusher_gone())
+    }
+
+    /// Make everything written so far, up to `last`, durable in the next
+    /// group commit, telling no one but the durable position.
+    fn in_background(&self, last: LogId) -> Result<(), std::io::Error> {
+        self.tx
+            .send(FlushWaiter::Leader(last))
             .map_err(|_| Self::flusher_gone())
     }
 
@@ -304,10 +353,27 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
+/// The log's last entry id, or the purge point when it holds none.
+fn last_log_id(log: &sled::Tree, meta: &sled::Tree) -> SResult<Option<LogId>> {
+    if let Some((_, v)) = log.last().map_err(read_err)? {
+        return Ok(Some(
+            decode::<Entry>("log entry", &v).map_err(read_err)?.log_id,
+        ));
+    }
+    match meta.get(META_LAST_PURGED).map_err(read_err)? {
+        Some(b) => Ok(decode("last purged", &b).map_err(read_err)?),
+        None => Ok(None),
+    }
+}
+
 impl LogStore {
-    /// Open the log trees of `db`. With `sync` (sled's files), every group
-    /// commit also `fdatasync`s them.
-    pub fn new(db: sled::Db, sync: Option<SyncTarget>) -> Result<Self, StoreError> {
+    /// Open the log trees of `db` for node `node_id`. With `sync` (sled's
+    /// files), every group commit also `fdatasync`s them.
+    pub fn new(
+        db: sled::Db,
+        sync: Option<SyncTarget>,
+        node_id: NodeId,
+    ) -> Result<Self, StoreError> {
         let sync_file = sync;
         let open = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Sled {
@@ -316,11 +382,32 @@ impl LogStore {
             })
         };
         let log = open("raft_log")?;
+        let meta = open("raft_meta")?;
+        let io = |what: &'static str| {
+            move |e: StorageError<NodeId>| StoreError::Io {
+                what: what.into(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        };
+        let vote: Option<Vote<NodeId>> =
+            match meta.get(META_VOTE).map_err(|source| StoreError::Sled {
+                what: "read the vote".into(),
+                source,
+            })? {
+                Some(b) => Some(decode("vote", &b)?),
+                None => None,
+            };
+        // Whatever the log holds when it opens is on disk.
+        let durable =
+            DurableLog::new(last_log_id(&log, &meta).map_err(io("read the raft log state"))?);
         let store = LogStore {
+            node_id,
+            vote: Arc::new(std::sync::Mutex::new(vote)),
+            durable: durable.clone(),
             purger: Purger::start(log.clone())?,
             log,
-            meta: open("raft_meta")?,
-            flusher: Flusher::start(db, sync_file)?,
+            meta,
+            flusher: Flusher::start(db, sync_file, durable)?,
             first_kept: Arc::default(),
         };
         // Finish a purge a crash interrupted.
@@ -340,6 +427,21 @@ impl LogStore {
                 })?;
         }
         Ok(store)
+    }
+
+    /// How far this node's log is on disk (shared with the state machine
+    /// and the peer transport; see [`crate::durable`]).
+    pub fn durable(&self) -> DurableLog {
+        self.durable.clone()
+    }
+
+    /// The leader id this node appends under when it leads in the term of
+    /// its last saved vote.
+    fn leading_as(&self) -> Option<openraft::CommittedLeaderId<NodeId>> {
+        let vote = self.vote.lock().unwrap_or_else(|p| p.into_inner());
+        vote.as_ref()
+            .filter(|v| v.is_committed() && v.leader_id().voted_for() == Some(self.node_id))
+            .map(|v| *v.leader_id())
     }
 
     /// Hide entries up to `index` from readers and have the purger
@@ -440,6 +542,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.flush()
             .await
             .map_err(|e| StorageIOError::write_vote(&e))?;
+        *self.vote.lock().unwrap_or_else(|p| p.into_inner()) = Some(*vote);
         Ok(())
     }
 
@@ -473,15 +576,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // needed: sled recovers a prefix of its log, so a crash before the
         // flush leaves a shorter log with no hole, and openraft has not
         // been told of any of these entries yet.
+        let leading_as = self.leading_as();
+        let mut own = leading_as.is_some();
+        let mut last = None;
         for entry in entries {
+            own &= Some(entry.log_id.leader_id) == leading_as;
+            last = Some(entry.log_id);
             let bytes = encode("log entry", &entry).map_err(write_err)?;
             self.log
                 .insert(index_key(entry.log_id.index), bytes)
                 .map_err(write_err)?;
         }
+        let Some(last) = last else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
+        if own {
+            // This node's own entries as leader of its current term: done
+            // for openraft now (readable, so replication can start), durable
+            // with the next group commit. See crate::durable for why
+            // nothing is applied or told to followers before that.
+            self.flusher.in_background(last).map_err(write_err)?;
+            self.durable.reported_early(last.index);
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        }
         // Durable before openraft is told: the flusher calls back after
         // the fsync that covers this batch.
-        self.flusher.after_flush(callback).map_err(write_err)
+        self.flusher.after_flush(callback, last).map_err(write_err)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -489,6 +611,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.remove_range(index_key(log_id.index)..)
             .map_err(write_err)?;
         self.flush().await.map_err(write_err)?;
+        self.durable
+            .truncated_to(last_log_id(&self.log, &self.meta)?);
         Ok(())
     }
 
@@ -549,7 +673,7 @@ mod tests {
     async fn purge_hides_entries_at_once_and_deletes_them_in_the_background() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("sled");
-        let mut store = LogStore::new(db, None).expect("store");
+        let mut store = LogStore::new(db, None, 1).expect("store");
         fill(&store, 3_000);
         store.purge(log_id(2_500)).await.expect("purge");
         let left = store.try_get_log_entries(..).await.expect("read");
@@ -571,14 +695,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("sled");
         {
-            let store = LogStore::new(db.clone(), None).expect("store");
+            let store = LogStore::new(db.clone(), None, 1).expect("store");
             fill(&store, 100);
             // The purge point was recorded but nothing was deleted yet.
             let bytes = encode("last purged", &log_id(100)).expect("encode");
             store.meta.insert(META_LAST_PURGED, bytes).expect("meta");
         }
         // What a restart does: open the log store over the same database.
-        let mut store = LogStore::new(db, None).expect("store");
+        let mut store = LogStore::new(db, None, 1).expect("store");
         assert!(store
             .try_get_log_entries(..)
             .await
@@ -588,6 +712,49 @@ mod tests {
         let state = store.get_log_state().await.expect("state");
         assert_eq!(state.last_log_id, Some(log_id(100)));
         wait_deleted(&store, 100);
+    }
+
+    #[tokio::test]
+    async fn only_this_nodes_committed_leadership_makes_appends_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).expect("sled");
+        let mut store = LogStore::new(db.clone(), None, 1).expect("store");
+        assert_eq!(store.leading_as(), None);
+        // A candidate's vote for itself is not leadership.
+        store.save_vote(&Vote::new(2, 1)).await.expect("vote");
+        assert_eq!(store.leading_as(), None);
+        store
+            .save_vote(&Vote::new_committed(2, 1))
+            .await
+            .expect("vote");
+        assert_eq!(store.leading_as(), Some(CommittedLeaderId::new(2, 1)));
+        // Known again after a restart.
+        let reopened = LogStore::new(db, None, 1).expect("store");
+        assert_eq!(reopened.leading_as(), Some(CommittedLeaderId::new(2, 1)));
+        // Following another leader, even one replicating this node's old
+        // entries, is not.
+        store
+            .save_vote(&Vote::new_committed(3, 2))
+            .await
+            .expect("vote");
+        assert_eq!(store.leading_as(), None);
+    }
+
+    #[tokio::test]
+    async fn background_flushes_advance_the_durable_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).expect("sled");
+        let store = LogStore::new(db.clone(), None, 1).expect("store");
+        let durable = store.durable();
+        assert_eq!(durable.log_id(), None);
+        fill(&store, 3);
+        store.durable.reported_early(3);
+        store.flusher.in_background(log_id(3)).expect("flusher");
+        durable.wait_for(3).await.expect("flushed");
+        assert_eq!(durable.log_id(), Some(log_id(3)));
+        // A store opens durable up to its last entry.
+        let reopened = LogStore::new(db, None, 1).expect("store");
+        assert_eq!(reopened.durable().log_id(), Some(log_id(3)));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! openraft [`RaftStateMachine`] over a [`RevisionedStore`].
 //!
 //! - `apply` hands each batch of committed entries to the store, which
-//!   writes data, history and `last_applied` in one transaction.
+//!   writes data, history and `last_applied` atomically, once the entries
+//!   are durable in this node's log (see [`crate::durable`]).
 //! - `build_snapshot` takes a consistent copy of the store (apply waits
 //!   for the copy, not for encoding or the file write), encodes it, saves
 //!   it as the current snapshot and makes the store durable, so openraft
@@ -18,6 +19,7 @@ use openraft::{RaftSnapshotBuilder, StorageError, StorageIOError};
 use tokio::sync::watch;
 
 use crate::codec::{decode, encode};
+use crate::durable::DurableLog;
 use crate::snapshot::{SnapshotDir, SnapshotMeta};
 use crate::store::{RevisionedStore, SnapshotBody, StoreError};
 use crate::{Entry, LogId, NodeId, ProposalResponse, StoredMembership, TypeConfig};
@@ -50,6 +52,8 @@ pub struct StateMachine {
     /// Index of the last applied entry (blank and membership entries
     /// included, unlike the store's revision): read barriers wait on it.
     applied_tx: Arc<watch::Sender<u64>>,
+    /// Nothing above this node's durable log is applied.
+    durable: Option<DurableLog>,
 }
 
 impl StateMachine {
@@ -62,6 +66,7 @@ impl StateMachine {
             snapshots: SnapshotDir::new(snapshot_dir)?,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             applied_tx: Arc::new(watch::channel(applied).0),
+            durable: None,
         };
         // A crash between installing a snapshot into the store and saving
         // its file leaves the file behind the state, and openraft may purge
@@ -73,6 +78,13 @@ impl StateMachine {
             }
         }
         Ok(sm)
+    }
+
+    /// Apply entries only once `durable` says they are on disk here: a
+    /// leader's own appends are reported done before their flush.
+    pub fn apply_only_durable(mut self, durable: DurableLog) -> Self {
+        self.durable = Some(durable);
+        self
     }
 
     /// Export the store, save it as the current snapshot, return it.
@@ -154,6 +166,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(last) = entries.last().map(|e| e.log_id.index) else {
             return Ok(Vec::new());
         };
+        if let Some(durable) = &self.durable {
+            durable.wait_for(last).await.map_err(sm_write)?;
+        }
         let responses = self.store.apply_entries(&entries).map_err(sm_write)?;
         self.applied_tx.send_replace(last);
         Ok(responses)

@@ -12,7 +12,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sle
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
         let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
-        let (log, sm) = trellis_raft_store::open(dir.path())
+        let (log, sm) = trellis_raft_store::open(dir.path(), 1)
             .map_err(|e| openraft::StorageIOError::write(&e))?;
         Ok((dir, log, sm))
     }
