@@ -7,14 +7,13 @@
 //! Durability, by group commit: `append` writes the entries into sled's
 //! memory and hands openraft's [`LogFlushed`] callback to one flusher
 //! thread, which takes every callback queued so far, calls `Db::flush`
-//! (write + fsync) once, and only then reports them complete. The
-//! exception is a leader's own appends in its own term: those are
-//! reported done once readable and synced in the same background group
-//! commit, so replication to followers overlaps the leader's sync; the
-//! rules that keep this safe are in [`crate::durable`], which tracks how
-//! far the log is on disk. Under load
+//! (write + fsync) once, and only then reports them complete. Under load
 //! one fsync acknowledges many appends; alone, an append waits for one
-//! fsync. `save_vote` waits for the flusher before it returns. All trees
+//! fsync. The exception is a leader's own appends in its own term: those
+//! are reported done once readable and synced by the same group commit in
+//! the background, so replication to followers overlaps the leader's
+//! sync; [`crate::durable`] tracks how far the log is on disk and holds
+//! the rules that keep this safe. `save_vote` waits for the flusher before it returns. All trees
 //! share sled's one log, so one flush covers the state machine's writes
 //! too. sled's flush ends in `sync_file_range`, enough for a `kill -9`
 //! but not for power loss, and sled writes records over ~1/4 segment to
@@ -574,8 +573,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // batch seals sled's IO buffer twice (a write + sync_file_range
         // each, which the flush below would wait for). Atomicity is not
         // needed: sled recovers a prefix of its log, so a crash before the
-        // flush leaves a shorter log with no hole, and openraft has not
-        // been told of any of these entries yet.
+        // flush leaves a shorter log with no hole (and a follower has not
+        // reported these entries yet; a leader's early report is covered by
+        // the rules in crate::durable).
         let leading_as = self.leading_as();
         let mut own = leading_as.is_some();
         let mut last = None;
