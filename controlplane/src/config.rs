@@ -24,6 +24,7 @@
 //! election_timeout_min_ms = 300
 //! election_timeout_max_ms = 600
 //! crash_detection = true
+//! leader_overlap = false
 //! ```
 
 use std::collections::BTreeMap;
@@ -55,6 +56,13 @@ pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 600;
 /// Crash detection is on by default: it only acts when the leader's port
 /// refuses connections, which a live leader never does.
 pub const DEFAULT_CRASH_DETECTION: bool = true;
+/// Leader overlap is off by default: then every log append, the leader's
+/// included, is durable before openraft hears of it, which is the storage
+/// contract openraft 0.9 is written against. On, the leader replicates its
+/// appends while they sync (etcd's behaviour), with the rules of
+/// `trellis_raft_store::durable` keeping every acknowledged write on a
+/// durable majority; measured +25–40% puts/s at one write in flight.
+pub const DEFAULT_LEADER_OVERLAP: bool = false;
 /// Build a snapshot after this many applied entries: bounds log size and
 /// restart replay time without snapshotting constantly under load.
 pub const DEFAULT_SNAPSHOT_AFTER_LOGS: u64 = 10_000;
@@ -138,6 +146,9 @@ pub struct RaftTiming {
     /// soon as it breaks and the leader's Raft port refuses connections
     /// (its process is gone), instead of waiting out the election timeout.
     pub crash_detection: bool,
+    /// The leader sends its appends to followers while its own sync runs
+    /// (see [`DEFAULT_LEADER_OVERLAP`]).
+    pub leader_overlap: bool,
 }
 
 impl Default for RaftTiming {
@@ -150,6 +161,7 @@ impl Default for RaftTiming {
             logs_kept_after_snapshot: DEFAULT_LOGS_KEPT_AFTER_SNAPSHOT,
             install_snapshot_timeout_ms: DEFAULT_INSTALL_SNAPSHOT_TIMEOUT_MS,
             crash_detection: DEFAULT_CRASH_DETECTION,
+            leader_overlap: DEFAULT_LEADER_OVERLAP,
         }
     }
 }

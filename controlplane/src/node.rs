@@ -502,8 +502,11 @@ impl RunningNode {
                 .unwrap_or(addrs.admin.to_string()),
         };
 
-        let (log_store, sm) =
-            trellis_raft_store::open_with(&config.data_dir, config.durability, config.id)?;
+        let (log_store, sm) = trellis_raft_store::open_with(
+            &config.data_dir,
+            config.durability,
+            config.raft.leader_overlap.then_some(config.id),
+        )?;
         let durable = log_store.durable();
         let store = sm.store();
         let raft_config = Arc::new(config.openraft_config()?);

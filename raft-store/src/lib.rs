@@ -72,19 +72,19 @@ pub enum Durability {
 }
 
 /// Open (or create) the node's database and return the log store and state
-/// machine that share it. `node_id` is this node's (see [`durable`]).
-pub fn open(
-    data_dir: &std::path::Path,
-    node_id: NodeId,
-) -> Result<(LogStore, StateMachine), StoreError> {
-    open_with(data_dir, Durability::default(), node_id)
+/// machine that share it.
+pub fn open(data_dir: &std::path::Path) -> Result<(LogStore, StateMachine), StoreError> {
+    open_with(data_dir, Durability::default(), None)
 }
 
-/// [`open`] with a chosen [`Durability`].
+/// [`open`] with a chosen [`Durability`]. `leader_overlap`, this node's id
+/// to turn it on, lets the node as leader replicate its own appends while
+/// they sync (see [`durable`]); without it every append is reported to
+/// openraft only once durable.
 pub fn open_with(
     data_dir: &std::path::Path,
     durability: Durability,
-    node_id: NodeId,
+    leader_overlap: Option<NodeId>,
 ) -> Result<(LogStore, StateMachine), StoreError> {
     std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Io {
         what: format!("create data dir {}", data_dir.display()),
@@ -103,7 +103,7 @@ pub fn open_with(
         Durability::Fsync => Some(log_store::SyncTarget::open(&data_dir.join("db"))?),
         Durability::KillSafe => None,
     };
-    let log = LogStore::new(db.clone(), sync, node_id)?;
+    let log = LogStore::new(db.clone(), sync, leader_overlap)?;
     let kv = std::sync::Arc::new(SledStore::new(db)?);
     let sm = StateMachine::new(kv, data_dir.join("snapshots"))?.apply_only_durable(log.durable());
     Ok((log, sm))

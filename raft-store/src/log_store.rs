@@ -9,12 +9,12 @@
 //! thread, which takes every callback queued so far, calls `Db::flush`
 //! (write + fsync) once, and only then reports them complete. Under load
 //! one fsync acknowledges many appends; alone, an append waits for one
-//! fsync. The exception is a leader's own appends in its own term: those
-//! are reported done once readable and synced by the same group commit in
-//! the background, so replication to followers overlaps the leader's
-//! sync; [`crate::durable`] tracks how far the log is on disk and holds
-//! the rules that keep this safe. `save_vote` waits for the flusher before it returns. All trees
-//! share sled's one log, so one flush covers the state machine's writes
+//! fsync. `save_vote` waits for the flusher before it returns. With
+//! leader overlap on, a leader's own appends in its own term are the
+//! exception: they are reported done once readable and synced by the same
+//! group commit in the background, so replication to followers overlaps
+//! the leader's sync; [`crate::durable`] tracks how far the log is on disk
+//! and holds the rules that keep this safe. All trees share sled's one log, so one flush covers the state machine's writes
 //! too. sled's flush ends in `sync_file_range`, enough for a `kill -9`
 //! but not for power loss, and sled writes records over ~1/4 segment to
 //! blob files it never syncs; unless `Durability::KillSafe` is chosen the
@@ -48,9 +48,10 @@ const META_LAST_PURGED: &[u8] = b"last_purged";
 /// The Raft log and vote of one node. Cheap to clone (sled handles).
 #[derive(Clone)]
 pub struct LogStore {
-    /// This node: appends of entries it leads in its current term are
-    /// reported done before their flush (see [`crate::durable`]).
-    node_id: NodeId,
+    /// With leader overlap on, this node's id: appends of entries it leads
+    /// in its current term are reported done before their flush (see
+    /// [`crate::durable`]).
+    overlap_as: Option<NodeId>,
     /// The last vote saved: tells whether an append is this node's own,
     /// as leader.
     vote: Arc<std::sync::Mutex<Option<Vote<NodeId>>>>,
@@ -366,12 +367,13 @@ fn last_log_id(log: &sled::Tree, meta: &sled::Tree) -> SResult<Option<LogId>> {
 }
 
 impl LogStore {
-    /// Open the log trees of `db` for node `node_id`. With `sync` (sled's
-    /// files), every group commit also `fdatasync`s them.
+    /// Open the log trees of `db`. With `sync` (sled's files), every group
+    /// commit also `fdatasync`s them. `leader_overlap` is this node's id
+    /// when leader overlap is on (see [`crate::open_with`]).
     pub fn new(
         db: sled::Db,
         sync: Option<SyncTarget>,
-        node_id: NodeId,
+        leader_overlap: Option<NodeId>,
     ) -> Result<Self, StoreError> {
         let sync_file = sync;
         let open = |name: &str| {
@@ -400,7 +402,7 @@ impl LogStore {
         let durable =
             DurableLog::new(last_log_id(&log, &meta).map_err(io("read the raft log state"))?);
         let store = LogStore {
-            node_id,
+            overlap_as: leader_overlap,
             vote: Arc::new(std::sync::Mutex::new(vote)),
             durable: durable.clone(),
             purger: Purger::start(log.clone())?,
@@ -434,12 +436,13 @@ impl LogStore {
         self.durable.clone()
     }
 
-    /// The leader id this node appends under when it leads in the term of
-    /// its last saved vote.
+    /// With leader overlap on: the leader id this node appends under when
+    /// it leads in the term of its last saved vote.
     fn leading_as(&self) -> Option<openraft::CommittedLeaderId<NodeId>> {
+        let me = self.overlap_as?;
         let vote = self.vote.lock().unwrap_or_else(|p| p.into_inner());
         vote.as_ref()
-            .filter(|v| v.is_committed() && v.leader_id().voted_for() == Some(self.node_id))
+            .filter(|v| v.is_committed() && v.leader_id().voted_for() == Some(me))
             .map(|v| *v.leader_id())
     }
 
@@ -673,7 +676,7 @@ mod tests {
     async fn purge_hides_entries_at_once_and_deletes_them_in_the_background() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("sled");
-        let mut store = LogStore::new(db, None, 1).expect("store");
+        let mut store = LogStore::new(db, None, Some(1)).expect("store");
         fill(&store, 3_000);
         store.purge(log_id(2_500)).await.expect("purge");
         let left = store.try_get_log_entries(..).await.expect("read");
@@ -695,14 +698,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("sled");
         {
-            let store = LogStore::new(db.clone(), None, 1).expect("store");
+            let store = LogStore::new(db.clone(), None, Some(1)).expect("store");
             fill(&store, 100);
             // The purge point was recorded but nothing was deleted yet.
             let bytes = encode("last purged", &log_id(100)).expect("encode");
             store.meta.insert(META_LAST_PURGED, bytes).expect("meta");
         }
         // What a restart does: open the log store over the same database.
-        let mut store = LogStore::new(db, None, 1).expect("store");
+        let mut store = LogStore::new(db, None, Some(1)).expect("store");
         assert!(store
             .try_get_log_entries(..)
             .await
@@ -718,7 +721,7 @@ mod tests {
     async fn only_this_nodes_committed_leadership_makes_appends_its_own() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("sled");
-        let mut store = LogStore::new(db.clone(), None, 1).expect("store");
+        let mut store = LogStore::new(db.clone(), None, Some(1)).expect("store");
         assert_eq!(store.leading_as(), None);
         // A candidate's vote for itself is not leadership.
         store.save_vote(&Vote::new(2, 1)).await.expect("vote");
@@ -729,7 +732,7 @@ mod tests {
             .expect("vote");
         assert_eq!(store.leading_as(), Some(CommittedLeaderId::new(2, 1)));
         // Known again after a restart.
-        let reopened = LogStore::new(db, None, 1).expect("store");
+        let reopened = LogStore::new(db, None, Some(1)).expect("store");
         assert_eq!(reopened.leading_as(), Some(CommittedLeaderId::new(2, 1)));
         // Following another leader, even one replicating this node's old
         // entries, is not.
@@ -744,7 +747,7 @@ mod tests {
     async fn background_flushes_advance_the_durable_position() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("sled");
-        let store = LogStore::new(db.clone(), None, 1).expect("store");
+        let store = LogStore::new(db.clone(), None, Some(1)).expect("store");
         let durable = store.durable();
         assert_eq!(durable.log_id(), None);
         fill(&store, 3);
@@ -753,7 +756,7 @@ mod tests {
         durable.wait_for(3).await.expect("flushed");
         assert_eq!(durable.log_id(), Some(log_id(3)));
         // A store opens durable up to its last entry.
-        let reopened = LogStore::new(db, None, 1).expect("store");
+        let reopened = LogStore::new(db, None, Some(1)).expect("store");
         assert_eq!(reopened.durable().log_id(), Some(log_id(3)));
     }
 

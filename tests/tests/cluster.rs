@@ -17,7 +17,7 @@ use trellis_proto::admin::{
     ListRequest, PutRequest, RemoveMemberRequest, SnapshotRequest, TxnOp, TxnRequest, WatchRequest,
     WatchResponse,
 };
-use trellis_tests::Cluster;
+use trellis_tests::{Cluster, ClusterOptions};
 
 type Kv = trellis_proto::admin::kv_client::KvClient<tonic::transport::Channel>;
 
@@ -845,10 +845,27 @@ async fn server_reflection_lists_the_admin_services() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_a_leader_kill_under_concurrent_load() -> Result<()> {
+    acknowledged_writes_survive_a_leader_kill(Vec::new()).await
+}
+
+/// The same with the leader replicating its appends while they sync: a
+/// leader killed before its own sync must not take back anything a client
+/// was told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_a_leader_kill_with_leader_overlap() -> Result<()> {
+    acknowledged_writes_survive_a_leader_kill(vec!["--leader-overlap".into()]).await
+}
+
+async fn acknowledged_writes_survive_a_leader_kill(extra_args: Vec<String>) -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let mut c = Cluster::start(3).await?;
+    let mut c = Cluster::start_with(ClusterOptions {
+        nodes: 3,
+        extra_args,
+        ..ClusterOptions::default()
+    })
+    .await?;
     let leader = c.leader().await?;
     let ids = c.ids();
     let stop = Arc::new(AtomicBool::new(false));

@@ -66,6 +66,10 @@ struct Args {
     /// wait out the election timeout instead.
     #[arg(long)]
     no_crash_detection: bool,
+    /// As leader, replicate log appends while they sync instead of after
+    /// (etcd-style; see the README's "Leader overlap").
+    #[arg(long)]
+    leader_overlap: bool,
     /// Snapshot after this many log entries.
     #[arg(long)]
     snapshot_after_logs: Option<u64>,
@@ -158,6 +162,9 @@ fn build_config(args: Args) -> Result<NodeConfig, String> {
     set!(raft.snapshot_after_logs <- args.snapshot_after_logs);
     if args.no_crash_detection {
         c.raft.crash_detection = false;
+    }
+    if args.leader_overlap {
+        c.raft.leader_overlap = true;
     }
     set!(request_timeout_ms <- args.request_timeout_ms);
     set!(durability <- args.durability);
