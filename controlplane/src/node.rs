@@ -609,11 +609,13 @@ impl RunningNode {
                 "--insecure-dev: plaintext and unauthenticated admin API and Raft RPC; no QUIC endpoint for sidecars (QUIC needs TLS)"
             ),
         }
-        servers.push(spawn_commit_nudge(
-            node.raft.clone(),
-            durable,
-            shutdown_rx.clone(),
-        ));
+        if node.config.raft.leader_overlap {
+            servers.push(spawn_commit_nudge(
+                node.raft.clone(),
+                durable,
+                shutdown_rx.clone(),
+            ));
+        }
         let expiry = crate::leases::spawn(node.clone(), shutdown_rx.clone());
         servers.push(tokio::spawn(async move {
             let _ = expiry.await;

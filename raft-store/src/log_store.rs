@@ -353,17 +353,30 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-/// The log's last entry id, or the purge point when it holds none.
-fn last_log_id(log: &sled::Tree, meta: &sled::Tree) -> SResult<Option<LogId>> {
-    if let Some((_, v)) = log.last().map_err(read_err)? {
-        return Ok(Some(
-            decode::<Entry>("log entry", &v).map_err(read_err)?.log_id,
-        ));
-    }
-    match meta.get(META_LAST_PURGED).map_err(read_err)? {
-        Some(b) => Ok(decode("last purged", &b).map_err(read_err)?),
+/// The record `key` of the `raft_meta` tree, decoded.
+fn read_meta<T: serde::de::DeserializeOwned>(
+    meta: &sled::Tree,
+    key: &[u8],
+    what: &'static str,
+) -> SResult<Option<T>> {
+    match meta.get(key).map_err(read_err)? {
         None => Ok(None),
+        Some(b) => Ok(Some(decode(what, &b).map_err(read_err)?)),
     }
+}
+
+/// The purge point and the last log id (the newest entry, which may be
+/// one the purger has not deleted yet, or the purge point).
+fn log_state(log: &sled::Tree, meta: &sled::Tree) -> SResult<LogState<TypeConfig>> {
+    let last_purged_log_id: Option<LogId> = read_meta(meta, META_LAST_PURGED, "last purged")?;
+    let last_entry = match log.last().map_err(read_err)? {
+        Some((_, v)) => Some(decode::<Entry>("log entry", &v).map_err(read_err)?.log_id),
+        None => None,
+    };
+    Ok(LogState {
+        last_purged_log_id,
+        last_log_id: last_entry.max(last_purged_log_id),
+    })
 }
 
 impl LogStore {
@@ -391,16 +404,10 @@ impl LogStore {
             }
         };
         let vote: Option<Vote<NodeId>> =
-            match meta.get(META_VOTE).map_err(|source| StoreError::Sled {
-                what: "read the vote".into(),
-                source,
-            })? {
-                Some(b) => Some(decode("vote", &b)?),
-                None => None,
-            };
+            read_meta(&meta, META_VOTE, "vote").map_err(io("read the vote"))?;
+        let state = log_state(&log, &meta).map_err(io("read the raft log state"))?;
         // Whatever the log holds when it opens is on disk.
-        let durable =
-            DurableLog::new(last_log_id(&log, &meta).map_err(io("read the raft log state"))?);
+        let durable = DurableLog::new(state.last_log_id);
         let store = LogStore {
             overlap_as: leader_overlap,
             vote: Arc::new(std::sync::Mutex::new(vote)),
@@ -412,14 +419,7 @@ impl LogStore {
             first_kept: Arc::default(),
         };
         // Finish a purge a crash interrupted.
-        let purged: Option<LogId> =
-            store
-                .read_meta(META_LAST_PURGED, "last purged")
-                .map_err(|e| StoreError::Io {
-                    what: "read the raft log purge point".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-        if let Some(p) = purged {
+        if let Some(p) = state.last_purged_log_id {
             store
                 .mark_purged(p.index)
                 .map_err(|source| StoreError::Io {
@@ -459,10 +459,7 @@ impl LogStore {
         key: &[u8],
         what: &'static str,
     ) -> SResult<Option<T>> {
-        match self.meta.get(key).map_err(read_err)? {
-            None => Ok(None),
-            Some(b) => Ok(Some(decode(what, &b).map_err(read_err)?)),
-        }
+        read_meta(&self.meta, key, what)
     }
 
     async fn flush(&self) -> Result<(), std::io::Error> {
@@ -518,17 +515,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> SResult<LogState<TypeConfig>> {
-        let last_purged_log_id: Option<LogId> = self.read_meta(META_LAST_PURGED, "last purged")?;
-        // The newest entry may be one the purger has not deleted yet.
-        let last_entry = match self.log.last().map_err(read_err)? {
-            Some((_, v)) => Some(decode::<Entry>("log entry", &v).map_err(read_err)?.log_id),
-            None => None,
-        };
-        let last_log_id = last_entry.max(last_purged_log_id);
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
-        })
+        log_state(&self.log, &self.meta)
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -615,7 +602,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(write_err)?;
         self.flush().await.map_err(write_err)?;
         self.durable
-            .truncated_to(last_log_id(&self.log, &self.meta)?);
+            .truncated_to(log_state(&self.log, &self.meta)?.last_log_id);
         Ok(())
     }
 

@@ -374,18 +374,28 @@ impl WriteSet {
                 .map_err(err)?;
             }
         } else {
-            let mut batch = sled::Batch::default();
-            for (k, v) in self.ops {
-                match v {
-                    Some(v) => batch.insert(k, v),
-                    None => batch.remove(k),
-                }
-            }
+            let mut batch = batch_of(self.ops);
             batch.remove(REDO_KEY);
             tree.apply_batch(batch).map_err(err)?;
         }
         Ok(())
     }
+}
+
+/// One sled batch of puts (`Some`) and removals (`None`), in order.
+fn batch_of<K, V>(ops: impl IntoIterator<Item = (K, Option<V>)>) -> sled::Batch
+where
+    K: Into<sled::IVec>,
+    V: Into<sled::IVec>,
+{
+    let mut batch = sled::Batch::default();
+    for (k, v) in ops {
+        match v {
+            Some(v) => batch.insert(k, v),
+            None => batch.remove(k),
+        }
+    }
+    batch
 }
 
 #[cfg(test)]
@@ -426,14 +436,7 @@ fn recover_redo(tree: &sled::Tree) -> Result<bool, StoreError> {
     if redo_applied <= stored_applied {
         return Ok(false);
     }
-    let mut batch = sled::Batch::default();
-    for (k, v) in &redo.writes {
-        match v {
-            Some(v) => batch.insert(*k, *v),
-            None => batch.remove(*k),
-        }
-    }
-    tree.apply_batch(batch)
+    tree.apply_batch(batch_of(redo.writes.iter().copied()))
         .map_err(|e| StoreError::sled("replay redo record", e))?;
     tracing::info!(
         last_applied = ?redo_applied,
