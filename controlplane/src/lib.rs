@@ -12,7 +12,8 @@
 //! - Raft peer RPC ([`peer`] serves, [`network`] dials), on `raft_addr`,
 //!   from the other control nodes; followers also watch the leader's
 //!   process there ([`crash_detector`]) to fail over without waiting out
-//!   the election timeout.
+//!   the election timeout. Every gRPC channel a node dials gathers a
+//!   call's frames into one socket write ([`coalesce`]).
 //!
 //! - the sidecars' QUIC endpoint ([`quic`]), on `quic_addr`: join with a
 //!   token and a CSR ([`ca`]), watch config by revision, register the
@@ -31,6 +32,7 @@ pub mod api;
 pub mod auth;
 pub mod bugs;
 pub mod ca;
+pub mod coalesce;
 pub mod config;
 pub mod crash_detector;
 pub mod error;

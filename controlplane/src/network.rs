@@ -19,6 +19,8 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::coalesce::CoalescingConnector;
 use trellis_proto::raft::raft_peer_client::RaftPeerClient;
 use trellis_proto::raft::RaftPayload;
 use trellis_raft_store::codec::{decode, encode};
@@ -41,7 +43,8 @@ pub type ClientTls = Option<ClientTlsConfig>;
 
 /// Make a lazily connecting channel to `addr` (`host:port`), over mutual
 /// TLS when `tls` is set (the server name is the address's host: node
-/// certificates carry their IPs as SANs).
+/// certificates carry their IPs as SANs). The connection gathers each
+/// call's frames into one write ([`crate::coalesce`]).
 pub fn lazy_channel(
     addr: &str,
     connect_timeout: Duration,
@@ -53,10 +56,9 @@ pub fn lazy_channel(
     };
     Ok(endpoint
         .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+        .connect_with_connector_lazy(CoalescingConnector::new()))
 }
 
 /// Creates [`PeerClient`]s; shared by all of a node's Raft tasks.
