@@ -10,11 +10,12 @@
 //! concurrency 1 it made 11 socket writes per put; now it makes 5.
 //!
 //! [`CoalescingIo`] wraps the TCP stream (under TLS, when TLS is on): it
-//! keeps what is written in a buffer, and the first flush of a burst
-//! yields to the runtime once before it writes, so what the tasks already
-//! woken add to the connection in that turn (the body) leaves in the same
-//! segment. The yield costs one task poll, not a timer: nothing waits for
-//! a clock. Writes larger than [`COALESCE_MAX_BYTES`] go straight through.
+//! keeps what is written in a buffer, and a flush yields to the runtime
+//! while the tasks already woken keep adding to the burst (at most
+//! [`MAX_YIELDS`] turns), so the body and END_STREAM leave in the same
+//! segment as the HEADERS. A yield costs one task poll, not a timer:
+//! nothing waits for a clock. Writes larger than [`COALESCE_MAX_BYTES`] go
+//! straight through.
 //!
 //! [`CoalescingConnector`] is the connector tonic dials with; every
 //! channel made by [`crate::network::lazy_channel`] (Raft peers, write
@@ -30,20 +31,20 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Most bytes held back for coalescing. A burst is a few small frames (a
-/// Raft append with a batch of entries stays under sled's blob threshold,
-/// 128 KiB); anything larger gains nothing from a copy and is written
-/// directly, after what is already buffered.
+/// Most bytes held back for coalescing. A call's burst is its HEADERS, its
+/// message and END_STREAM; a larger message (a big Raft append, a
+/// snapshot chunk) gains nothing from a copy and is written directly,
+/// after what is already buffered.
 pub const COALESCE_MAX_BYTES: usize = 64 * 1024;
 
 /// Most turns a flush yields while other tasks keep adding to the burst.
 /// A gRPC call takes three: HEADERS, then DATA once the body task has
 /// stream capacity, then END_STREAM once the data has left h2's queue.
-const MAX_YIELDS: u8 = 3;
+pub const MAX_YIELDS: u8 = 3;
 
-/// A stream whose writes are gathered until a flush, which yields once to
-/// the runtime and then writes them with as few syscalls as the socket
-/// allows.
+/// A stream whose writes are gathered until a flush, which yields to the
+/// runtime while the burst still grows and then writes it with as few
+/// syscalls as the socket allows.
 #[derive(Debug)]
 pub struct CoalescingIo<T> {
     inner: T,

@@ -19,13 +19,13 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
-
-use crate::coalesce::CoalescingConnector;
 use trellis_proto::raft::raft_peer_client::RaftPeerClient;
 use trellis_proto::raft::RaftPayload;
 use trellis_raft_store::codec::{decode, encode};
 use trellis_raft_store::durable::DurableLog;
 use trellis_raft_store::{NodeAddr, NodeId, TypeConfig};
+
+use crate::coalesce::CoalescingConnector;
 
 /// Largest peer message accepted. A Raft append carries up to
 /// `max_payload_entries` (300) entries of up to ~1 MiB each.
