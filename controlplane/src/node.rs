@@ -411,8 +411,6 @@ fn load_tls(id: NodeId, tls: &crate::config::TlsConfig) -> Result<NodeTls, Start
     })
 }
 
-/// Accepted connections with `TCP_NODELAY` (small gRPC messages must not
-/// wait for delayed ACKs: that costs ~40 ms a round trip) and keepalive.
 /// When a commit index sent to followers was held back to this node's
 /// durable log (see `trellis_raft_store::durable`), send a heartbeat as
 /// soon as the log catches up, so followers apply without waiting for the
@@ -438,6 +436,8 @@ fn spawn_commit_nudge(
     })
 }
 
+/// Accepted connections with `TCP_NODELAY` (small gRPC messages must not
+/// wait for delayed ACKs: that costs ~40 ms a round trip) and keepalive.
 fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -518,8 +518,16 @@ impl RunningNode {
                 .into_iter()
                 .collect::<BTreeMap<_, _>>(),
             client_tls.clone(),
-        )
-        .commits_up_to(durable.clone());
+        );
+        // With leader overlap on, followers hear no commit index above
+        // this node's durable log (the "tell" rule of
+        // trellis_raft_store::durable); off, the leader's appends are
+        // durable before they count, so there is nothing to hold back.
+        let network = if config.raft.leader_overlap {
+            network.commits_up_to(durable.clone())
+        } else {
+            network
+        };
         let raft = Raft::new(
             config.id,
             raft_config,

@@ -105,6 +105,12 @@ pub fn open_with(
     };
     let log = LogStore::new(db.clone(), sync, leader_overlap)?;
     let kv = std::sync::Arc::new(SledStore::new(db)?);
-    let sm = StateMachine::new(kv, data_dir.join("snapshots"))?.apply_only_durable(log.durable());
+    let sm = StateMachine::new(kv, data_dir.join("snapshots"))?;
+    // Only a leader's early-reported appends need the "apply" rule of
+    // [`durable`]; with the overlap off every append is durable first.
+    let sm = match leader_overlap {
+        Some(_) => sm.apply_only_durable(log.durable()),
+        None => sm,
+    };
     Ok((log, sm))
 }

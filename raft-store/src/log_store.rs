@@ -14,8 +14,8 @@
 //! exception: they are reported done once readable and synced by the same
 //! group commit in the background, so replication to followers overlaps
 //! the leader's sync; [`crate::durable`] tracks how far the log is on disk
-//! and holds the rules that keep this safe. All trees share sled's one log, so one flush covers the state machine's writes
-//! too. sled's flush ends in `sync_file_range`, enough for a `kill -9`
+//! and holds the rules that keep this safe. All trees share sled's one
+//! log, so one flush covers the state machine's writes too. sled's flush ends in `sync_file_range`, enough for a `kill -9`
 //! but not for power loss, and sled writes records over ~1/4 segment to
 //! blob files it never syncs; unless `Durability::KillSafe` is chosen the
 //! flusher also `fdatasync`s sled's data file and any new blob files (and
