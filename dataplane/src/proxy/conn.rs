@@ -8,8 +8,9 @@
 //!   listener: HTTP/1 header buffer and count,
 //!   HTTP/2 pings and `max_header_list_size`), [`Limits::http2_server`]
 //!   (the inbound listener), [`Limits::http2_client`] (the pool of
-//!   sidecar-to-sidecar connections) and [`Limits::app_client`] (the
-//!   inbound side's connections to the local app).
+//!   sidecar-to-sidecar connections), [`Limits::app_http1`] and
+//!   [`Limits::app_http2`] (the inbound side's connections to the local
+//!   app, [`super::app_pool`]).
 //! * [`Activity`] and [`track`]: a connection's requests in flight (from
 //!   the request's arrival until its response body ends or is dropped), so
 //!   [`drive`] can tell an idle connection from a busy one.
@@ -34,13 +35,12 @@ use std::time::Duration;
 
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
-use hyper_util::client::legacy;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::time::Instant;
 
 use super::upstream::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW};
-use crate::config::{ConnectionConfig, DEFAULT_MAX_REQUEST_HEADERS};
+use crate::config::{ConnectionConfig, DEFAULT_MAX_REQUEST_HEADERS, MIN_HEADER_BYTES};
 use crate::shutdown::Shutdown;
 
 /// The connection settings in the form the request path uses.
@@ -166,14 +166,21 @@ impl Limits {
         b
     }
 
-    /// The inbound side's pooled client to the local app (HTTP/2 only with
-    /// `http2`): response headers bounded like the peers'.
-    pub fn app_client(&self, http2: bool) -> legacy::Builder {
-        let mut b = legacy::Client::builder(TokioExecutor::new());
+    /// The inbound side's HTTP/1.1 connections to the local app
+    /// ([`super::app_pool`]): the response head's buffer bounded like the
+    /// peers' headers (hyper's floor is 8 KiB, as the config's).
+    pub fn app_http1(&self) -> hyper::client::conn::http1::Builder {
+        let mut b = hyper::client::conn::http1::Builder::new();
+        b.max_buf_size(self.max_response_header_bytes.max(MIN_HEADER_BYTES));
+        b
+    }
+
+    /// The inbound side's HTTP/2 (h2c) connection to the local app: the
+    /// response `max_header_list_size`.
+    pub fn app_http2(&self) -> hyper::client::conn::http2::Builder<TokioExecutor> {
+        let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
-            .http1_max_buf_size(self.max_response_header_bytes)
-            .http2_max_header_list_size(settings_u32(self.max_response_header_bytes));
-        b.http2_only(http2);
+            .max_header_list_size(settings_u32(self.max_response_header_bytes));
         b
     }
 }

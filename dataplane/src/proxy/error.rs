@@ -114,13 +114,39 @@ impl ProxyError {
         service: &str,
         endpoint: std::net::SocketAddr,
     ) -> ProxyError {
-        let reason = match std::error::Error::source(e) {
-            Some(s) => format!("{e}: {s}"),
-            None => e.to_string(),
-        };
+        ProxyError::upstream(e.is_connect(), e, service, endpoint)
+    }
+
+    /// The local app's failure to answer the inbound side (step 11), as
+    /// [`ProxyError::from_client`] sorts it.
+    pub fn from_app(
+        e: &super::app_pool::AppError,
+        service: &str,
+        endpoint: std::net::SocketAddr,
+    ) -> ProxyError {
+        ProxyError::upstream(e.is_connect(), e, service, endpoint)
+    }
+
+    /// `Connect` or `Reset`, the reason being `e` and every cause under it
+    /// that its message does not already include.
+    fn upstream(
+        connect: bool,
+        e: &dyn std::error::Error,
+        service: &str,
+        endpoint: std::net::SocketAddr,
+    ) -> ProxyError {
+        let mut reason = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !reason.contains(&text) {
+                reason = format!("{reason}: {text}");
+            }
+            cause = c.source();
+        }
         let (service, subset, endpoint) =
             (service.to_string(), "-".to_string(), endpoint.to_string());
-        if e.is_connect() {
+        if connect {
             ProxyError::Connect {
                 service,
                 subset,

@@ -33,14 +33,15 @@ use std::time::Instant;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, HOST};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, Uri, Version};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use super::access_log::{self, AccessLog, HttpLine};
+use super::app_pool::AppPool;
 use super::body::ProxyBody;
 use super::conn::{self, Limits};
 use super::drain::{Drain, DrainToken};
@@ -74,10 +75,8 @@ pub struct Inbound {
     pub config: tokio::sync::watch::Receiver<Arc<crate::mesh::MeshConfig>>,
     /// This sidecar's service as metrics name it: `namespace/service`.
     pub destination: String,
-    /// Pooled HTTP/1.1 connections to the application.
-    pub http1: Client<AppConnector, ProxyBody>,
-    /// Pooled HTTP/2 (h2c) connections to the application.
-    pub http2: Client<AppConnector, ProxyBody>,
+    /// Pooled HTTP/1.1 and HTTP/2 (h2c) connections to the application.
+    pub app: Arc<AppPool>,
     /// Request counters.
     pub metrics: Arc<Metrics>,
     /// The JSON access log (maybe disabled).
@@ -103,9 +102,7 @@ impl Inbound {
         drain: Drain,
     ) -> Self {
         let limits = Arc::new(Limits::default());
-        let http = AppConnector(app_addr);
-        let http1 = limits.app_client(false).build(http);
-        let http2 = limits.app_client(true).build(http);
+        let app = AppPool::new(app_addr, &limits);
         Inbound {
             tls,
             app_addr,
@@ -113,8 +110,7 @@ impl Inbound {
             namespace: namespace.to_string(),
             service,
             config,
-            http1,
-            http2,
+            app,
             metrics,
             access_log,
             drain,
@@ -125,34 +121,36 @@ impl Inbound {
     /// The same path under `limits` (the app clients' response header
     /// limits included).
     pub fn with_limits(mut self, limits: Arc<Limits>) -> Self {
-        self.http1 = limits.app_client(false).build(AppConnector(self.app_addr));
-        self.http2 = limits.app_client(true).build(AppConnector(self.app_addr));
+        self.app = AppPool::new(self.app_addr, &limits);
         self.limits = limits;
         self
     }
 
     /// The protocol the Service declares for `port` (exactly that port;
-    /// with `only_port`, the Service's only port when `port` is not one).
+    /// with `only_port`, the Service's only port when `port` is not one),
+    /// and whether `port` itself is declared.
     fn declared_protocol(
         &self,
         port: Option<u16>,
         only_port: bool,
-    ) -> Option<trellis_resources::Protocol> {
+    ) -> (Option<trellis_resources::Protocol>, bool) {
         let cfg = self.config.borrow();
-        let (_, svc) = cfg.service(&self.namespace, &self.service)?;
+        let Some((_, svc)) = cfg.service(&self.namespace, &self.service) else {
+            return (None, false);
+        };
         match port.and_then(|p| svc.ports.iter().find(|x| x.port == p)) {
-            Some(p) => Some(p.protocol),
-            None if only_port && svc.ports.len() == 1 => Some(svc.ports[0].protocol),
-            None => None,
+            Some(p) => (Some(p.protocol), true),
+            None if only_port && svc.ports.len() == 1 => (Some(svc.ports[0].protocol), false),
+            None => (None, false),
         }
     }
 
-    /// The authority requests to the app carry, and the key of the pool of
-    /// app connections: `service.namespace`, with the port only when the
-    /// Service declares it. A peer cannot multiply pooled connections to
-    /// the app by varying `:authority`.
-    fn app_authority(&self, port: Option<u16>) -> String {
-        match port.filter(|p| self.declared_protocol(Some(*p), false).is_some()) {
+    /// The authority requests to the app carry over HTTP/2 (and as Host
+    /// over HTTP/1.1 when the caller sent none): `service.namespace`, with
+    /// the port only when the Service declares it (`port_declared`), so
+    /// the app sees its own canonical name whatever the caller wrote.
+    fn app_authority(&self, port: Option<u16>, port_declared: bool) -> String {
+        match port.filter(|_| port_declared) {
             Some(p) => format!("{}.{}:{p}", self.service, self.namespace),
             None => format!("{}.{}", self.service, self.namespace),
         }
@@ -167,37 +165,6 @@ impl Inbound {
             reason,
         }
         .into_response(false)
-    }
-}
-
-/// Connects every request to the application's address, whatever its URI
-/// says, so requests can carry a service authority (`reviews.default:9080`)
-/// instead of the app's socket address; the pool is keyed by that
-/// authority ([`Inbound::app_authority`]).
-#[derive(Debug, Clone, Copy)]
-pub struct AppConnector(pub SocketAddr);
-
-impl tower_service::Service<Uri> for AppConnector {
-    type Response = TokioIo<tokio::net::TcpStream>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let addr = self.0;
-        Box::pin(async move {
-            let s = tokio::net::TcpStream::connect(addr).await?;
-            s.set_nodelay(true)?;
-            Ok(TokioIo::new(s))
-        })
     }
 }
 
@@ -322,7 +289,7 @@ impl Inbound {
             // Tunnels only to ports declared `tcp`: a raw stream to an HTTP
             // port would let the caller write its own x-trellis-source.
             let port = req.uri().port_u16();
-            if self.declared_protocol(port, false) != Some(trellis_resources::Protocol::Tcp) {
+            if self.declared_protocol(port, false).0 != Some(trellis_resources::Protocol::Tcp) {
                 return ProxyError::Forbidden {
                     reason: format!(
                         "{}/{} declares no tcp port {}",
@@ -343,7 +310,8 @@ impl Inbound {
             String::new()
         };
         let span = trace::Span::from_headers(req.headers());
-        let restore_h1 = match self.declared_protocol(req.uri().port_u16(), true) {
+        let (declared, port_declared) = self.declared_protocol(req.uri().port_u16(), true);
+        let restore_h1 = match declared {
             Some(trellis_resources::Protocol::Http) => true,
             Some(trellis_resources::Protocol::Http2 | trellis_resources::Protocol::Grpc) => false,
             Some(trellis_resources::Protocol::Tcp) | None => {
@@ -361,7 +329,7 @@ impl Inbound {
             path = %req.uri().path(), trace_id = %format_args!("{:032x}", span.trace_id),
             span_id = %format_args!("{:016x}", span.span_id));
         let resp = self
-            .forward(req, caller, &span, restore_h1)
+            .forward(req, caller, &span, restore_h1, port_declared)
             .instrument(tspan)
             .await;
         let code = resp.status().as_u16();
@@ -404,45 +372,64 @@ impl Inbound {
         caller: &Caller,
         span: &trace::Span,
         restore_h1: bool,
+        port_declared: bool,
     ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let (mut parts, body) = req.into_parts();
-        // HTTP/1.1 keeps the Host the caller used; the URI (HTTP/2's
-        // :authority, and the pool key) is the canonical app authority.
-        let caller_authority = parts.uri.authority().map(|a| a.as_str().to_string());
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(self.app_authority(parts.uri.port_u16()))
-            .path_and_query(pq)
-            .build();
-        let Ok(uri) = uri else {
-            return ProxyError::NoHost.into_response(grpc);
-        };
-        parts.uri = uri;
-        if !parts.headers.contains_key(HOST) {
-            if let Some(v) = caller_authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
-                parts.headers.insert(HOST, v);
+        let pq = parts.uri.path_and_query().cloned();
+        if restore_h1 {
+            // HTTP/1.1 keeps the Host the caller used (its :authority when
+            // it sent no Host) and is sent in origin form.
+            if !parts.headers.contains_key(HOST) {
+                let host = match parts.uri.authority() {
+                    Some(a) => HeaderValue::from_str(a.as_str()),
+                    None => HeaderValue::from_str(
+                        &self.app_authority(parts.uri.port_u16(), port_declared),
+                    ),
+                };
+                if let Ok(v) = host {
+                    parts.headers.insert(HOST, v);
+                }
             }
+            let mut uri = hyper::http::uri::Parts::default();
+            uri.path_and_query = Some(pq.unwrap_or_else(|| PathAndQuery::from_static("/")));
+            let Ok(uri) = Uri::from_parts(uri) else {
+                return ProxyError::NoHost.into_response(grpc);
+            };
+            parts.uri = uri;
+        } else {
+            // HTTP/2's :authority is the canonical app authority.
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(self.app_authority(parts.uri.port_u16(), port_declared))
+                .path_and_query(pq.unwrap_or_else(|| PathAndQuery::from_static("/")))
+                .build();
+            let Ok(uri) = uri else {
+                return ProxyError::NoHost.into_response(grpc);
+            };
+            parts.uri = uri;
         }
         headers::strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(&ORIG_PROTO_HEADER);
         parts.headers.insert(&SOURCE_HEADER, caller.header.clone());
         span.propagate(&mut parts.headers);
-        let client = if restore_h1 {
+        let sent = if restore_h1 {
             parts.version = Version::HTTP_11;
-            &self.http1
+            self.app
+                .send_http1(Request::from_parts(parts, body.boxed()))
+                .await
         } else {
             // HTTP/2 to the app keeps gRPC (trailers, streams) intact; the
             // Host header is the :authority there.
             parts.version = Version::HTTP_2;
             parts.headers.remove(HOST);
-            &self.http2
+            self.app
+                .send_http2(Request::from_parts(parts, body.boxed()))
+                .await
         };
-        let req = Request::from_parts(parts, body.boxed());
-        match client.request(req).await {
-            Ok(resp) => resp.map(|b| b.boxed()),
-            Err(e) => ProxyError::from_client(&e, &self.service, self.app_addr).into_response(grpc),
+        match sent {
+            Ok(resp) => resp,
+            Err(e) => ProxyError::from_app(&e, &self.service, self.app_addr).into_response(grpc),
         }
     }
 }

@@ -57,8 +57,9 @@
 //!                  the background writer (access_log.rs)
 //! peer sidecar ──HTTP/2 over mTLS──► inbound listener (inbound.rs)
 //!  10. handshake   client certificate required, chained to the cluster CA
-//!  11. forward     to app_addr (pooled): HTTP/1.1 if the caller marked it
-//!                  x-trellis-orig-proto, else HTTP/2 (gRPC); authority
+//!  11. forward     to app_addr (pooled, app_pool.rs): HTTP/1.1 if the
+//!                  caller marked it x-trellis-orig-proto, else HTTP/2
+//!                  (gRPC); authority
 //!                  kept, x-trellis-source = the caller's SPIFFE ID,
 //!                  traceparent = this hop's span; CONNECT = a TCP tunnel
 //!                  to the app (tcp.rs); then telemetry as in 9
@@ -90,6 +91,7 @@
 //! | [`tcp`] | opaque TCP both ways, passthrough |
 //! | [`tls`] | rustls configs from the current identity (rotation-safe) |
 //! | [`inbound`] | the inbound listener, steps 10-11 |
+//! | [`app_pool`] | step 11: pooled HTTP/1.1 and HTTP/2 connections to the app |
 //! | [`conn`] | connection limits: deadlines, idle timeouts, HTTP/2 pings, header sizes |
 //! | [`metrics`] | Prometheus counters and histograms for `/metrics` |
 //! | [`access_log`] | the JSON access log, written in batches off the request path |
@@ -99,6 +101,7 @@
 //! | [`body`] | [`body::ProxyBody`], the one body type |
 
 pub mod access_log;
+pub mod app_pool;
 pub mod backup;
 pub mod balance;
 pub mod body;

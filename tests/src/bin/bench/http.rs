@@ -181,6 +181,9 @@ pub struct HttpArgs {
     /// Fixed open-loop rates in req/s, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub rates: Vec<u64>,
+    /// Skip the fixed-rate scenarios (saturation only, e.g. for profiling).
+    #[arg(long)]
+    pub no_rates: bool,
     /// Skip the saturation (closed-loop) scenario.
     #[arg(long)]
     pub no_saturation: bool,
@@ -1547,6 +1550,10 @@ pub async fn http_bench(a: HttpArgs) -> Result<()> {
     ensure!(a.rounds > 0, "--rounds must be positive");
     ensure!(!a.rates.contains(&0), "--rates must be positive");
     ensure!(!a.protocols.is_empty(), "no --protocols");
+    ensure!(
+        !(a.no_rates && a.no_saturation),
+        "--no-rates with --no-saturation leaves nothing to measure"
+    );
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let mut targets = vec![TargetKind::Direct];
@@ -1612,7 +1619,7 @@ async fn measure(
 
     let mut scenarios = Vec::new();
     for &proto in &a.protocols {
-        for &r in &a.rates {
+        for &r in a.rates.iter().filter(|_| !a.no_rates) {
             scenarios.push(Scenario::new(proto, Load::Rate(r)));
         }
         if !a.no_saturation {
