@@ -256,12 +256,7 @@ impl AppPool {
             .handshake(io)
             .await
             .map_err(AppError::Handshake)?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(app = %addr, error = %e, "HTTP/1.1 connection to the app ended");
-            }
-        });
+        drive(self.addr, "HTTP/1.1", conn);
         Ok(tx)
     }
 
@@ -287,15 +282,24 @@ impl AppPool {
             .handshake(io)
             .await
             .map_err(AppError::Handshake)?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(app = %addr, error = %e, "HTTP/2 connection to the app ended");
-            }
-        });
+        drive(self.addr, "HTTP/2", conn);
         *self.shared.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx.clone());
         Ok((tx, true))
     }
+}
+
+/// Runs a connection's I/O in its own task until it ends (the app closed
+/// it, or every sender was dropped).
+fn drive(
+    addr: SocketAddr,
+    version: &'static str,
+    conn: impl std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(app = %addr, version, error = %e, "connection to the app ended");
+        }
+    });
 }
 
 /// Moves an absolute URI's authority into `Host` (unless the request has

@@ -24,7 +24,8 @@
 //! Scenarios, for HTTP/1.1 keep-alive (`h1`) and HTTP/2 prior knowledge
 //! (`h2`):
 //!
-//! - fixed rate, open loop (`--rates`, default 1,000 and 10,000 req/s):
+//! - fixed rate, open loop (`--rates`, default 1,000 and 10,000 req/s;
+//!   `--no-rates` skips them, e.g. to profile saturation alone):
 //!   request *i* is due at `start + i / rate`; latency is measured from that
 //!   scheduled time, so a stalled target is charged for the requests it
 //!   delayed (no coordinated omission). At ≤ 1,000 req/s there is ONE
@@ -32,9 +33,10 @@
 //!   h1 uses a pool of [`RATE_POOL_H1`] connections and h2 one multiplexed
 //!   connection. Send times are hit by spinning (yielding) for the last
 //!   stretch, since tokio's timer only has millisecond resolution.
-//! - saturation, closed loop: [`SATURATION_IN_FLIGHT`] requests always in
-//!   flight (h1: that many connections; h2: [`SATURATION_H2_CONNECTIONS`]
-//!   connections sharing them as streams); reports req/s and service time.
+//! - saturation, closed loop (`--no-saturation` skips it):
+//!   [`SATURATION_IN_FLIGHT`] requests always in flight (h1: that many
+//!   connections; h2: [`SATURATION_H2_CONNECTIONS`] connections sharing
+//!   them as streams); reports req/s and service time.
 //!
 //! Each scenario runs every target once per round, the order rotated each
 //! round, for `--rounds` rounds; tables show medians over rounds, "added"
