@@ -9,11 +9,13 @@
 //!
 //! * **HTTP/1.1**: a stack of idle connections, most recently used on top
 //!   (its buffers and the app's worker are warm). A request takes the top
-//!   one or dials a new one; the connection comes back when the response
-//!   body has ended ([`PooledBody`]), at once when hyper already reports it
-//!   ready for the next request, else from a small task that waits for
-//!   that. A connection whose response body is dropped before its end is
-//!   not reused (hyper closes it). Idle connections older than
+//!   one or dials a new one. The connection comes back as soon as hyper
+//!   has read the whole response off it (the rest of the body waits in
+//!   its channel), which for small responses is when the headers arrive;
+//!   else when the body wrapper ([`PooledBody`]) sees hyper ready, or the
+//!   body's end (then from a small task if hyper is not ready yet). A
+//!   connection whose response is dropped before hyper has read it is not
+//!   reused (hyper closes it). Idle connections older than
 //!   [`APP_IDLE_TIMEOUT`] are closed when the stack is next touched; at
 //!   most [`MAX_IDLE_APP_CONNECTIONS`] are kept.
 //! * **HTTP/2**: one shared connection, multiplexed; dialled on first use
@@ -220,14 +222,15 @@ impl AppPool {
         idle.push(Idle { tx, since: now });
     }
 
-    /// The response, its body wrapped to give the connection back at its
-    /// end (at once when there is no body).
+    /// The response, the connection given back at once when hyper has
+    /// already read all of it, else its body wrapped to give it back
+    /// later.
     fn attach(
         self: &Arc<Self>,
         tx: http1::SendRequest<ProxyBody>,
         resp: Response<Incoming>,
     ) -> Response<ProxyBody> {
-        if resp.body().is_end_stream() {
+        if resp.body().is_end_stream() || tx.is_ready() {
             self.release(tx);
             return resp.map(BodyExt::boxed);
         }
@@ -326,8 +329,9 @@ fn origin_form(req: &mut Request<ProxyBody>) {
     }
 }
 
-/// An HTTP/1.1 response body that returns its connection to the pool when
-/// it ends. Dropped before its end, the connection goes with it.
+/// An HTTP/1.1 response body that returns its connection to the pool once
+/// hyper is ready for the next request or the body ends. Dropped before
+/// that, the connection goes with it.
 struct PooledBody {
     inner: Incoming,
     conn: Option<(Arc<AppPool>, http1::SendRequest<ProxyBody>)>,
@@ -355,6 +359,10 @@ impl Body for PooledBody {
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
             Poll::Ready(Some(Err(_))) => this.conn = None,
+            // hyper has read the whole response off the connection (the
+            // rest waits in the body's channel): it can take the next
+            // request now.
+            _ if this.conn.as_ref().is_some_and(|(_, tx)| tx.is_ready()) => this.release(),
             _ => {}
         }
         polled
@@ -486,9 +494,15 @@ mod tests {
 
     #[tokio::test]
     async fn http1_concurrent_requests_each_get_a_connection_then_share_them() {
-        let (addr, accepted) = app(false, SMALL).await;
+        // Bodies larger than the socket buffers: hyper cannot have read
+        // them before they are consumed, so each held response keeps its
+        // connection busy.
+        let big = Answer {
+            size: 4 << 20,
+            close: false,
+        };
+        let (addr, accepted) = app(false, big).await;
         let pool = AppPool::new(addr, &Limits::default());
-        // All four are sent before any body is read: four connections.
         let mut held = Vec::new();
         for _ in 0..4 {
             held.push(pool.send_http1(request("http://a/")).await.unwrap());
@@ -502,6 +516,19 @@ mod tests {
             text(pool.send_http1(request("http://a/")).await.unwrap()).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 4, "no new connection");
+    }
+
+    #[tokio::test]
+    async fn http1_connection_is_free_once_hyper_has_read_the_response() {
+        // A small response arrives whole with its headers: the connection
+        // takes the next request even before the first body is read.
+        let (addr, accepted) = app(false, SMALL).await;
+        let pool = AppPool::new(addr, &Limits::default());
+        let first = pool.send_http1(request("http://a/1")).await.unwrap();
+        let second = pool.send_http1(request("http://a/2")).await.unwrap();
+        assert_eq!(text(second).await, "/2 a");
+        assert_eq!(text(first).await, "/1 a");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
