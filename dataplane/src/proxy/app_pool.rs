@@ -128,9 +128,8 @@ impl AppPool {
             .len()
     }
 
-    /// Sends `req` over HTTP/1.1. Its URI should be in origin form (path
-    /// and query); an absolute one is reduced to that, its authority
-    /// becoming `Host` when the request has none.
+    /// Sends `req` over HTTP/1.1, in origin form (path and query): an
+    /// absolute URI's authority becomes `Host` when the request has none.
     pub async fn send_http1(
         self: &Arc<Self>,
         mut req: Request<ProxyBody>,

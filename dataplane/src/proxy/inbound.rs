@@ -376,29 +376,19 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let (mut parts, body) = req.into_parts();
-        let pq = parts.uri.path_and_query().cloned();
         if restore_h1 {
-            // HTTP/1.1 keeps the Host the caller used (its :authority when
-            // it sent no Host) and is sent in origin form.
-            if !parts.headers.contains_key(HOST) {
-                let host = match parts.uri.authority() {
-                    Some(a) => HeaderValue::from_str(a.as_str()),
-                    None => HeaderValue::from_str(
-                        &self.app_authority(parts.uri.port_u16(), port_declared),
-                    ),
-                };
-                if let Ok(v) = host {
+            // HTTP/1.1 keeps the Host the caller used, else its :authority
+            // (the pool sends the request in origin form and moves the
+            // authority into Host), else the canonical app authority.
+            if !parts.headers.contains_key(HOST) && parts.uri.authority().is_none() {
+                let host = self.app_authority(parts.uri.port_u16(), port_declared);
+                if let Ok(v) = HeaderValue::from_str(&host) {
                     parts.headers.insert(HOST, v);
                 }
             }
-            let mut uri = hyper::http::uri::Parts::default();
-            uri.path_and_query = Some(pq.unwrap_or_else(|| PathAndQuery::from_static("/")));
-            let Ok(uri) = Uri::from_parts(uri) else {
-                return ProxyError::NoHost.into_response(grpc);
-            };
-            parts.uri = uri;
         } else {
             // HTTP/2's :authority is the canonical app authority.
+            let pq = parts.uri.path_and_query().cloned();
             let uri = Uri::builder()
                 .scheme("http")
                 .authority(self.app_authority(parts.uri.port_u16(), port_declared))
